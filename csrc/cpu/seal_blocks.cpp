@@ -1,0 +1,37 @@
+#include <string>
+#include <vector>
+
+#include "cpu/codec.h"
+
+namespace kvcomp {
+
+static void check_ids(const int32_t* ids, int64_t n, int64_t num_blocks, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= num_blocks)
+      throw ArgError(std::string(name) + "[" + std::to_string(i) + "] = " +
+                     std::to_string(ids[i]) + " is not a block of the pool (num_blocks = " +
+                     std::to_string(num_blocks) + ")");
+}
+
+void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, const int32_t* dst,
+                     int64_t n) {
+  check_ids(src, n, hot.num_blocks, "src_blocks");
+  check_ids(dst, n, cold.num_blocks, "dst_blocks");
+  const int hd = hot.layout.head_dim, bs = hot.layout.block_size;
+  parallel_for(n * hot.num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x((size_t)bs * hd);
+    for (int64_t w = begin; w < end; ++w) {
+      int64_t i = w / hot.num_heads;
+      int h = (int)(w % hot.num_heads);
+      const uint8_t* in = hot.tile(src[i], h);
+      uint8_t* out = cold.tile(dst[i], h);
+      for (int side = 0; side < 2; ++side) {
+        const Section& hs = side ? hot.layout.v : hot.layout.k;
+        for (int t = 0; t < bs; ++t) decode_row(hs, in, t, hd, &x[(size_t)t * hd]);
+        encode_block(side ? cold.layout.v : cold.layout.k, out, x.data(), bs, hd, bs);
+      }
+    }
+  });
+}
+
+}  // namespace kvcomp

@@ -1,0 +1,129 @@
+// Eight-lane float vectors for the CPU kernels: AVX2+FMA+F16C where the build
+// enables them (the default on x86-64), portable loops elsewhere. The code
+// loads turn packed storage codes into floats before scaling; the portable
+// versions call the format header directly, the AVX2 versions are the same
+// math in intrinsics (tests cover both through the op results).
+#pragma once
+#include "kvcomp/format.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVCOMP_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace kvcomp {
+namespace simd {
+
+#if KVCOMP_AVX2
+struct vf8 {
+  __m256 v;
+};
+inline vf8 zero8() { return {_mm256_setzero_ps()}; }
+inline vf8 set8(float x) { return {_mm256_set1_ps(x)}; }
+inline vf8 load8(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void store8(float* p, vf8 a) { _mm256_storeu_ps(p, a.v); }
+inline vf8 fma8(vf8 a, vf8 b, vf8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline vf8 mul8(vf8 a, vf8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline vf8 add8(vf8 a, vf8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline vf8 max8(vf8 a, vf8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline vf8 sub8(vf8 a, vf8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline float hmax8(vf8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hsum8(vf8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// exp(x) for x <= 0 (softmax arguments), relative error ~2e-7; x < -87 gives 0.
+inline vf8 exp8(vf8 a) {
+  __m256 x = _mm256_max_ps(a.v, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return {_mm256_and_ps(res, _mm256_cmp_ps(a.v, _mm256_set1_ps(-87.0f), _CMP_GT_OQ))};
+}
+
+// Codes of 8 consecutive channels (sub-run `sub` of the row, see format.h
+// packing) as floats, before the scale. fp8 e4m3 comes out 2^-8 too small:
+// kCodeScale below folds the 256 back into the scale.
+template <Kind K>
+inline vf8 codes8(const uint8_t* row, int sub) {
+  if constexpr (K == Kind::FP16) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + 16 * sub)))};
+  } else if constexpr (K == Kind::BF16) {
+    __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(row + 16 * sub)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(x, 16))};
+  } else if constexpr (K == Kind::FP8_E4M3 || K == Kind::FP8_E5M2) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(row + 8 * sub)));
+    __m128i h;
+    if constexpr (K == Kind::FP8_E5M2) {
+      h = _mm_slli_epi16(b, 8);
+    } else {
+      h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                       _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+    }
+    return {_mm256_cvtph_ps(h)};
+  } else if constexpr (K == Kind::INT8) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * sub))))};
+  } else if constexpr (K == Kind::INT8C) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * sub))))};
+  } else {
+    // Sub-byte: chunk = sub / 4; int4 runs: bytes (sub%2)*8.., shift 4*((sub/2)%2);
+    // int2 runs: bytes 0..7 of the chunk, shift 2*(sub%4).
+    constexpr int b = kind_bits(K);
+    const uint8_t* chunk = row + (sub / 4) * (4 * b);
+    int j = sub % 4;
+    const uint8_t* src = b == 4 ? chunk + (j % 2) * 8 : chunk;
+    int shift = b == 4 ? 4 * (j / 2) : 2 * j;
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)src));
+    x = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(max_code(K)));
+    return {_mm256_cvtepi32_ps(x)};
+  }
+}
+template <Kind K>
+constexpr float kCodeScale = K == Kind::FP8_E4M3 ? 256.0f : 1.0f;
+
+#else  // portable
+
+struct vf8 {
+  float v[8];
+};
+inline vf8 set8(float x) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = x; return r; }
+inline vf8 zero8() { return set8(0.0f); }
+inline vf8 load8(const float* p) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+inline void store8(float* p, vf8 a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
+inline vf8 fma8(vf8 a, vf8 b, vf8 c) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = fmaf(a.v[i], b.v[i], c.v[i]); return r; }
+inline vf8 mul8(vf8 a, vf8 b) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
+inline vf8 add8(vf8 a, vf8 b) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
+inline vf8 max8(vf8 a, vf8 b) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = fmaxf(a.v[i], b.v[i]); return r; }
+inline vf8 sub8(vf8 a, vf8 b) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i]; return r; }
+inline float hmax8(vf8 a) { float m = a.v[0]; for (int i = 1; i < 8; ++i) m = fmaxf(m, a.v[i]); return m; }
+inline float hsum8(vf8 a) { float s = 0; for (int i = 0; i < 8; ++i) s += a.v[i]; return s; }
+inline vf8 exp8(vf8 a) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = expf(a.v[i]); return r; }
+template <Kind K>
+inline vf8 codes8(const uint8_t* row, int sub) {
+  vf8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = code_value(K, load_code(K, row, 8 * sub + i));
+  return r;
+}
+template <Kind K>
+constexpr float kCodeScale = 1.0f;
+#endif
+
+}  // namespace simd
+}  // namespace kvcomp

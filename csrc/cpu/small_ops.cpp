@@ -1,0 +1,87 @@
+// merge_attention_states, accumulate_scores and heavy_hitter_topk.
+#include <math.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace kvcomp {
+
+void merge_attention_states_cpu(const float* out_a, const float* lse_a, const float* out_b,
+                                const float* lse_b, int64_t rows, int64_t head_dim,
+                                float* out, float* lse) {
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float a = lse_a[r], b = lse_b[r], m = fmaxf(a, b);
+      const float* oa = out_a + r * head_dim;
+      const float* ob = out_b + r * head_dim;
+      float* o = out + r * head_dim;
+      if (m == -INFINITY) {  // neither side attended anything
+        lse[r] = -INFINITY;
+        for (int64_t c = 0; c < head_dim; ++c) o[c] = 0.0f;
+        continue;
+      }
+      float wa = expf(a - m), wb = expf(b - m), sum = wa + wb;
+      lse[r] = m + logf(sum);
+      wa /= sum;
+      wb /= sum;
+      for (int64_t c = 0; c < head_dim; ++c) o[c] = wa * oa[c] + wb * ob[c];
+    }
+  });
+}
+
+void accumulate_scores_cpu(const float* logits, int64_t logits_len, const float* lse,
+                           const int32_t* seq_lens, int64_t batch, int64_t num_heads,
+                           float* scores, int64_t num_kv_heads, int64_t scores_len) {
+  const int64_t group = num_heads / num_kv_heads;
+  for (int64_t b = 0; b < batch; ++b)
+    if (seq_lens[b] < 0 || seq_lens[b] > std::min(logits_len, scores_len))
+      throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
+                     " is outside [0, " + std::to_string(std::min(logits_len, scores_len)) +
+                     "] (the length of logits and scores)");
+  parallel_for(batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      int64_t b = w / num_kv_heads, h = w % num_kv_heads, len = seq_lens[b];
+      float* s = scores + w * scores_len;
+      for (int64_t q = h * group; q < (h + 1) * group; ++q) {
+        float m = lse[b * num_heads + q];
+        if (m == -INFINITY) continue;  // this head attended nothing
+        const float* l = logits + (b * num_heads + q) * logits_len;
+        for (int64_t t = 0; t < len; ++t) s[t] += expf(l[t] - m);
+      }
+    }
+  });
+}
+
+void heavy_hitter_topk_cpu(const float* scores, int64_t rows, int64_t rows_per_batch,
+                           int64_t len, const int32_t* seq_lens, int64_t k, int32_t* out) {
+  for (int64_t b = 0; b < rows / std::max<int64_t>(rows_per_batch, 1); ++b)
+    if (seq_lens[b] < 0 || seq_lens[b] > len)
+      throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
+                     " is outside [0, " + std::to_string(len) + "] (the length of scores)");
+  parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> idx;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* s = scores + r * len;
+      int64_t n = seq_lens[r / rows_per_batch];
+      int32_t* o = out + r * k;
+      idx.resize(n);
+      for (int64_t i = 0; i < n; ++i) idx[i] = (int32_t)i;
+      // Larger score first, then lower position; NaN ranks below everything.
+      auto better = [s](int32_t a, int32_t b) {
+        float x = s[a], y = s[b];
+        bool xn = isnan(x), yn = isnan(y);
+        if (xn || yn) return xn != yn ? yn : a < b;
+        return x != y ? x > y : a < b;
+      };
+      int64_t m = std::min(n, k);
+      if (m < n) std::nth_element(idx.begin(), idx.begin() + m, idx.end(), better);
+      std::sort(idx.begin(), idx.begin() + m);
+      for (int64_t i = 0; i < k; ++i) o[i] = i < m ? idx[i] : -1;
+    }
+  });
+}
+
+}  // namespace kvcomp

@@ -1,0 +1,34 @@
+#include "ops/common.h"
+#include "ops/ops.h"
+
+namespace kvcomp::op {
+
+void accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
+                       const at::Tensor& seq_lens, at::Tensor& scores) {
+  check_dtype(logits, "logits", {at::kFloat});
+  check_dim(logits, "logits", 3, "[batch, num_heads, L]");
+  check_dtype(lse, "lse", {at::kFloat});
+  check_dim(lse, "lse", 2, "[batch, num_heads]");
+  check_size(lse, "lse", 0, logits.size(0), "batch of logits");
+  check_size(lse, "lse", 1, logits.size(1), "num_heads of logits");
+  check_dtype(seq_lens, "seq_lens", {at::kInt});
+  check_dim(seq_lens, "seq_lens", 1, "[batch]");
+  check_size(seq_lens, "seq_lens", 0, logits.size(0), "batch of logits");
+  check_dtype(scores, "scores", {at::kFloat});
+  check_dim(scores, "scores", 3, "[batch, num_kv_heads, L]");
+  check_size(scores, "scores", 0, logits.size(0), "batch of logits");
+  check_contiguous(scores, "scores");
+  for (auto [t, name] : {std::pair{&lse, "lse"}, {&seq_lens, "seq_lens"}, {&scores, "scores"}})
+    check_same_device(*t, name, logits, "logits");
+  TORCH_CHECK_VALUE(scores.size(1) > 0 && logits.size(1) % scores.size(1) == 0, "logits has ",
+                    logits.size(1), " query heads, not a multiple of scores' ", scores.size(1),
+                    " KV heads");
+  at::Tensor lg = logits.contiguous(), ls = lse.contiguous(), sl = seq_lens.contiguous();
+  guarded([&] {
+    accumulate_scores_cpu(lg.data_ptr<float>(), lg.size(2), ls.data_ptr<float>(),
+                          sl.data_ptr<int32_t>(), lg.size(0), lg.size(1),
+                          scores.data_ptr<float>(), scores.size(1), scores.size(2));
+  });
+}
+
+}  // namespace kvcomp::op

@@ -1,0 +1,81 @@
+"""Storage formats: parsing specs, exact sizes, pool allocation.
+
+The format math and the tile layout live once, in csrc/kvcomp/format.h and
+spec.cpp; this module asks the extension rather than repeating them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _C
+
+
+@dataclass(frozen=True)
+class SideFormat:
+    """One side (K or V) of a format: bits per element, group size, scale scope."""
+
+    bits: int
+    group: int
+    per_channel: bool
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A KV format spec: ``"<fmt>"`` for K and V alike or ``"<kfmt>/<vfmt>"``.
+
+    ``name`` is the canonical spelling (``kivi2`` parses to ``int2c/int2``).
+    """
+
+    name: str
+    k: SideFormat
+    v: SideFormat
+
+    @classmethod
+    def parse(cls, spec: "str | KVFormat") -> "KVFormat":
+        if isinstance(spec, KVFormat):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"format spec must be a str, got {type(spec).__name__}")
+        d = _C.describe_format(spec)
+        return cls(d["name"], SideFormat(**d["k"]), SideFormat(**d["v"]))
+
+    @property
+    def per_channel(self) -> bool:
+        """True if K or V is quantized per channel (written by seal_blocks only)."""
+        return self.k.per_channel or self.v.per_channel
+
+    def tile_bytes(self, head_dim: int, block_size: int = 16) -> int:
+        """Bytes of one tile: block_size tokens of one KV head, K then V."""
+        return _C.tile_bytes(self.name, int(head_dim), int(block_size))
+
+    def bytes_per_token(self, head_dim: int, block_size: int = 16) -> int:
+        """Exact pool bytes per token, one layer and KV head, K plus V,
+        scales and padding included: ``tile_bytes / block_size``."""
+        tile = self.tile_bytes(head_dim, block_size)
+        assert tile % block_size == 0  # the layout pads tiles to whole tokens
+        return tile // block_size
+
+    def layout(self, head_dim: int, block_size: int = 16) -> dict:
+        """Byte offsets of a tile's regions (see docs/format.md)."""
+        return _C.tile_layout(self.name, int(head_dim), int(block_size))
+
+    def geometry(self, tile_bytes: int, head_dim: int = 0) -> tuple[int, int]:
+        """(head_dim, block_size) of a pool whose last dimension is tile_bytes."""
+        return tuple(_C.infer_geometry(self.name, int(tile_bytes), int(head_dim)))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def allocate_pool(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                  format: "str | KVFormat", device: "torch.device | str | None" = None) -> torch.Tensor:
+    """A zeroed pool ``uint8 [num_blocks, num_kv_heads, tile_bytes]`` for ``format``."""
+    fmt = KVFormat.parse(format)
+    if int(num_blocks) < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    if int(num_kv_heads) <= 0:
+        raise ValueError(f"num_kv_heads must be positive, got {num_kv_heads}")
+    tile = fmt.tile_bytes(head_dim, block_size)
+    return torch.zeros((int(num_blocks), int(num_kv_heads), tile), dtype=torch.uint8, device=device)
