@@ -18,7 +18,8 @@ using namespace simd;
 
 namespace {
 
-constexpr int kHeadSlice = 4;  // query heads per register pass
+constexpr int kHeadSlice = 4;       // query heads per register pass
+constexpr int kPrefetchBlocks = 4;  // how far ahead tiles are prefetched
 
 // One side's tile reader for kind K: dequantized (or, for per-token symmetric
 // kinds, unscaled) 8-channel runs. token_scale() is the factor left out.
@@ -50,60 +51,71 @@ struct Reader {
   }
 };
 
-// logits[h][t] = q[h] . k[t] for NH heads and n tokens, TT tokens at a time.
+// Sums NH accumulators into logits[h * ld], times the token's scale.
+template <int NH>
+inline void store_logits(const vf8* acc, float ts, float* logits, int ld) {
+  if constexpr (NH == 4) {
+    float s[4];
+    hsum4(acc[0], acc[1], acc[2], acc[3], s);
+    for (int h = 0; h < 4; ++h) logits[h * ld] = s[h] * ts;
+  } else {
+    for (int h = 0; h < NH; ++h) logits[h * ld] = hsum8(acc[h]) * ts;
+  }
+}
+
+// logits[h][t] = q[h] . k[t] for NH heads and n tokens, two tokens at a time
+// so each q vector load feeds two FMAs.
 template <Kind K, int NH>
 void qk_block(const Reader<K>& kr, int n, const float* q, int hd, float* logits, int ld) {
-  constexpr int TT = 2;
   int t = 0;
-  for (; t + TT <= n; t += TT) {
-    vf8 acc[TT][NH];
-    for (int i = 0; i < TT; ++i)
-      for (int h = 0; h < NH; ++h) acc[i][h] = zero8();
+  for (; t + 2 <= n; t += 2) {
+    vf8 a0[NH], a1[NH];
+    for (int h = 0; h < NH; ++h) a0[h] = a1[h] = zero8();
     for (int sub = 0; sub < hd / 8; ++sub) {
-      vf8 k[TT];
-      for (int i = 0; i < TT; ++i) k[i] = kr.run(t + i, sub);
+      vf8 k0 = kr.run(t, sub), k1 = kr.run(t + 1, sub);
       for (int h = 0; h < NH; ++h) {
-        vf8 qv = load8(q + h * hd + 8 * sub);
-        for (int i = 0; i < TT; ++i) acc[i][h] = fma8(qv, k[i], acc[i][h]);
+        vf8 qv = load8_reg(q + h * hd + 8 * sub);
+        a0[h] = fma8(qv, k0, a0[h]);
+        a1[h] = fma8(qv, k1, a1[h]);
       }
     }
-    for (int i = 0; i < TT; ++i) {
-      float ts = kr.token_scale(t + i);
-      for (int h = 0; h < NH; ++h) logits[h * ld + t + i] = hsum8(acc[i][h]) * ts;
-    }
+    store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
+    store_logits<NH>(a1, kr.token_scale(t + 1), logits + t + 1, ld);
   }
-  for (; t < n; ++t) {
-    vf8 acc[NH];
-    for (int h = 0; h < NH; ++h) acc[h] = zero8();
+  if (t < n) {
+    vf8 a0[NH];
+    for (int h = 0; h < NH; ++h) a0[h] = zero8();
     for (int sub = 0; sub < hd / 8; ++sub) {
-      vf8 k = kr.run(t, sub);
-      for (int h = 0; h < NH; ++h) acc[h] = fma8(load8(q + h * hd + 8 * sub), k, acc[h]);
+      vf8 k0 = kr.run(t, sub);
+      for (int h = 0; h < NH; ++h) a0[h] = fma8(load8(q + h * hd + 8 * sub), k0, a0[h]);
     }
-    float ts = kr.token_scale(t);
-    for (int h = 0; h < NH; ++h) logits[h * ld + t] = hsum8(acc[h]) * ts;
+    store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
   }
 }
 
 // acc[h] += sum_t p[h][t] * v[t] for NH heads over n tokens (p already holds
-// the per-token scale of symmetric kinds). Two accumulator sets hide FMA latency.
+// the per-token scale of symmetric kinds). Two channel runs per pass, so each
+// broadcast p feeds two FMAs and 2*NH accumulators hide the FMA latency.
 template <Kind K, int NH>
 void pv_block(const Reader<K>& vr, int n, const float* p, int ld, int hd, float* acc) {
-  for (int sub = 0; sub < hd / 8; ++sub) {
+  for (int sub = 0; sub < hd / 8; sub += 2) {
     vf8 o0[NH], o1[NH];
-    for (int h = 0; h < NH; ++h) o0[h] = load8(acc + h * hd + 8 * sub), o1[h] = zero8();
-    int t = 0;
-    for (; t + 2 <= n; t += 2) {
-      vf8 v0 = vr.run(t, sub), v1 = vr.run(t + 1, sub);
+    for (int h = 0; h < NH; ++h) {
+      o0[h] = load8(acc + h * hd + 8 * sub);
+      o1[h] = load8(acc + h * hd + 8 * sub + 8);
+    }
+    for (int t = 0; t < n; ++t) {
+      vf8 v0 = vr.run(t, sub), v1 = vr.run(t, sub + 1);
       for (int h = 0; h < NH; ++h) {
-        o0[h] = fma8(set8(p[h * ld + t]), v0, o0[h]);
-        o1[h] = fma8(set8(p[h * ld + t + 1]), v1, o1[h]);
+        vf8 ph = set8(p[h * ld + t]);
+        o0[h] = fma8(ph, v0, o0[h]);
+        o1[h] = fma8(ph, v1, o1[h]);
       }
     }
-    if (t < n) {
-      vf8 v0 = vr.run(t, sub);
-      for (int h = 0; h < NH; ++h) o0[h] = fma8(set8(p[h * ld + t]), v0, o0[h]);
+    for (int h = 0; h < NH; ++h) {
+      store8(acc + h * hd + 8 * sub, o0[h]);
+      store8(acc + h * hd + 8 * sub + 8, o1[h]);
     }
-    for (int h = 0; h < NH; ++h) store8(acc + h * hd + 8 * sub, add8(o0[h], o1[h]));
   }
 }
 
@@ -152,6 +164,13 @@ struct Item {
     for (int64_t start = t0; start < t1; start += bs) {
       const int n = (int)std::min<int64_t>(bs, t1 - start);
       const uint8_t* tile = pool.tile(a.bt.ids[b * a.bt.max_blocks + start / bs], kvh);
+      // Blocks sit anywhere in the pool, beyond the hardware prefetcher's
+      // reach: fetch a tile a few blocks ahead while this one is computed.
+      if (start + kPrefetchBlocks * bs < t1) {
+        const char* ahead =
+            (const char*)pool.tile(a.bt.ids[b * a.bt.max_blocks + start / bs + kPrefetchBlocks], kvh);
+        for (int64_t off = 0; off < pool.tile_bytes; off += 64) __builtin_prefetch(ahead + off);
+      }
       Reader<KK> kr(L.k, tile, hd);
       Reader<VK> vr(L.v, tile, hd);
       for (int h0 = 0; h0 < G; h0 += kHeadSlice)
