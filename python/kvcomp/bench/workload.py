@@ -1,0 +1,92 @@
+"""Benchmark inputs: decode geometry, random K/V, and paged caches filled
+through the real write path (quantize_write, or seal_blocks for per-channel
+formats) behind a shuffled block table."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+import kvcomp
+from kvcomp import ops
+
+ALL_FORMATS = ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "int2", "kivi2", "int4c/int4"]
+QUICK_FORMATS = ["int8", "int4", "kivi2"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    batch: int
+    context: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return -(-self.context // self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.batch * self.blocks_per_seq
+
+    def flops(self) -> int:
+        """q.K and p.V: 2 multiply-adds per head, token and channel."""
+        return 4 * self.batch * self.num_heads * self.context * self.head_dim
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_kv(geom: Geometry, device, dtype: torch.dtype, generator: torch.Generator):
+    """K and V ``[batch * context, num_kv_heads, head_dim]``: standard normal
+    with a few large-magnitude channels, as real K caches have. Outliers make
+    the per-token formats' scales (and so their error) realistic; zeros would
+    make quantizers trivially exact and some kernels take shortcuts."""
+    shape = (geom.batch * geom.context, geom.num_kv_heads, geom.head_dim)
+    key = torch.randn(shape, generator=generator, dtype=torch.float32)
+    value = torch.randn(shape, generator=generator, dtype=torch.float32)
+    outliers = torch.randperm(geom.head_dim, generator=generator)[:4]
+    key[..., outliers] *= 10.0
+    value[..., outliers[:2]] *= 3.0
+    return key.to(device=device, dtype=dtype), value.to(device=device, dtype=dtype)
+
+
+def dense(x: torch.Tensor, geom: Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """``[batch * context, kvh, hd]`` -> contiguous ``[batch, kvh, context, hd]``."""
+    x = x.view(geom.batch, geom.context, geom.num_kv_heads, geom.head_dim)
+    return x.permute(0, 2, 1, 3).to(dtype).contiguous()
+
+
+def shuffled_tables(geom: Geometry, device, generator: torch.Generator):
+    """A random block table (so the kernels see scattered blocks, as after
+    many allocations and frees), the matching slot mapping and seq_lens."""
+    perm = torch.randperm(geom.num_blocks, generator=generator)
+    tables = perm.view(geom.batch, geom.blocks_per_seq).to(torch.int32)
+    pos = torch.arange(geom.context)
+    slots = tables[:, pos // geom.block_size].long() * geom.block_size + pos % geom.block_size
+    seq_lens = torch.full((geom.batch,), geom.context, dtype=torch.int32)
+    return tables.to(device), slots.reshape(-1).to(device), seq_lens.to(device)
+
+
+def write_cache(fmt: kvcomp.KVFormat, key, value, pool, slots, geom: Geometry, device) -> None:
+    """Store key/value at ``slots`` in ``pool`` the way the library does."""
+    if not fmt.per_channel:
+        ops.quantize_write(key, value, pool, slots, fmt.name)
+        return
+    # Per-channel scales span a block's tokens: write fp16 hot blocks, then seal.
+    hot = kvcomp.allocate_pool(pool.shape[0], geom.block_size, geom.num_kv_heads,
+                               geom.head_dim, "fp16", device)
+    ops.quantize_write(key, value, hot, slots, "fp16")
+    blocks = torch.arange(pool.shape[0], dtype=torch.int32, device=device)
+    ops.seal_blocks(hot, blocks, pool, blocks, "fp16", fmt.name)
+
+
+def fill_cache(fmt: kvcomp.KVFormat, key, value, geom: Geometry, device, generator):
+    """A pool holding every sequence's ``context`` tokens, and its tables."""
+    tables, slots, seq_lens = shuffled_tables(geom, device, generator)
+    pool = kvcomp.allocate_pool(geom.num_blocks, geom.block_size, geom.num_kv_heads,
+                                geom.head_dim, fmt, device)
+    write_cache(fmt, key, value, pool, slots, geom, device)
+    return pool, tables, seq_lens
