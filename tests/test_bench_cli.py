@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import kvcomp
+
 from kvcomp.bench import cli, report
 
 DECODE_KEYS = {"format", "batch", "context", "num_heads", "num_kv_heads", "head_dim", "block_size",
@@ -66,12 +68,12 @@ def test_ops_quick_tiny_json(tmp_path):
     assert isinstance(data["device"], str) and data["device"]
     assert data["commit"] is None or len(data["commit"]) == 40
     _positive_finite(data, ["threads", "read_bandwidth_gbps", "copy_bandwidth_gbps"])
-    assert [b["name"] for b in data["baselines"]] == ["sdpa_fp32", "sdpa_bf16"]
+    assert [b["name"] for b in data["baselines"]] == ["sdpa_fp32", "sdpa_bf16", "matmul_fp32"]
     assert [r["format"] for r in data["decode"]] == ["int8", "int4", "int2c/int2"]
-    import kvcomp
+    speedups = {"speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16", "speedup_vs_matmul_fp32"}
     for row in data["decode"]:
-        assert DECODE_KEYS | {"speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16"} <= set(row)
-        _positive_finite(row, DECODE_KEYS - {"format"} | {"speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16"})
+        assert DECODE_KEYS | speedups <= set(row)
+        _positive_finite(row, DECODE_KEYS - {"format"} | speedups)
         assert (row["context"], row["num_heads"], row["num_kv_heads"], row["head_dim"]) == (256, 4, 2, 64)
         # Exactly the touched tiles: 256 / 16 blocks x 2 KV heads x tile bytes.
         tile = kvcomp.KVFormat.parse(row["format"]).tile_bytes(64, 16)

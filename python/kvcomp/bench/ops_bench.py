@@ -120,9 +120,11 @@ def _run(args, mode: dict, fmts) -> int:
     queries = [torch.randn(geom.batch, geom.num_heads, geom.head_dim, generator=gen)
                .to(device=device, dtype=act_dtype) for _ in range(NUM_QUERIES)]
     base_dtypes = (torch.float16, torch.bfloat16) if cuda else (torch.float32, torch.bfloat16)
-    result["baselines"] = [_sdpa_baseline(timer, geom, key, value, queries, dt, measure,
-                                          result["read_bandwidth_gbps"])
+    read_bw = result["read_bandwidth_gbps"]
+    result["baselines"] = [_dense_baseline(timer, geom, key, value, queries, dt, measure, read_bw)
                            for dt in base_dtypes]
+    result["baselines"].append(_dense_baseline(timer, geom, key, value, queries, act_dtype, measure,
+                                               read_bw, kind="matmul"))
     result["decode"] = [dict(spec=spec, **_decode_row(timer, geom, fmt, key, value, queries, measure,
                                                       result, gen))
                         for spec, fmt in fmts]
@@ -131,6 +133,8 @@ def _run(args, mode: dict, fmts) -> int:
                                                              min(mode["write_tokens"], key.shape[0]),
                                                              measure, gen))
                                 for spec, fmt in fmts]
+    if not cuda and hasattr(os, "getloadavg"):
+        result["load_average_1min_end"] = os.getloadavg()[0]
     _print(result, cuda, plain=getattr(args, "plain", False))
     if args.json:
         write_json(args.json, result)
@@ -177,16 +181,32 @@ def _gqa_supported() -> bool:
         return False
 
 
-def _sdpa_baseline(timer, geom: Geometry, key, value, queries, dtype, measure, read_bw) -> dict:
-    """Dense SDPA over the same tokens, held uncompressed in ``dtype``."""
+def _matmul_attention(q, k, v):
+    """Eager attention of [b, h, d] queries: GQA by viewing the query heads as
+    [b, kvh, group, d], so K/V are read once with no copies. On CPU this beats
+    torch's SDPA for a single query, so it is the stronger dense baseline."""
+    b, h, d = q.shape
+    qg = q.view(b, k.shape[1], h // k.shape[1], d) * d ** -0.5
+    p = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)).float(), dim=-1).to(v.dtype)
+    return torch.matmul(p, v).view(b, h, d)
+
+
+def _dense_baseline(timer, geom: Geometry, key, value, queries, dtype, measure, read_bw,
+                    kind: str = "sdpa") -> dict:
+    """Dense attention (``kind`` sdpa or matmul) over the same tokens, held
+    uncompressed in ``dtype``."""
     k, v = dense(key, geom, dtype), dense(value, geom, dtype)
     groups = geom.num_heads // geom.num_kv_heads
-    if groups > 1 and not _gqa_supported():
-        # Old torch: expand outside the timed region (and count the bytes it reads).
-        k, v, groups = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 1
-    qs = [q.to(dtype)[:, :, None] for q in queries]
-    r = timer.measure(lambda i: _sdpa(qs[i % len(qs)], k, v, groups), **measure)
-    name = "sdpa_" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    if kind == "matmul":
+        qs = [q.to(dtype) for q in queries]
+        r = timer.measure(lambda i: _matmul_attention(qs[i % len(qs)], k, v), **measure)
+    else:
+        if groups > 1 and not _gqa_supported():
+            # Old torch: expand outside the timed region (and count the bytes it reads).
+            k, v, groups = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 1
+        qs = [q.to(dtype)[:, :, None] for q in queries]
+        r = timer.measure(lambda i: _sdpa(qs[i % len(qs)], k, v, groups), **measure)
+    name = kind + "_" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     nbytes = (k.numel() + v.numel()) * k.element_size()
     gbps = nbytes / r["ms"] / 1e6
     return {"name": name, "ms": r["ms"], "min_ms": r["min_ms"], "samples": r["n"], "bytes": nbytes,
