@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "cpu/kernels.h"
+#include "cpu/reader.h"
 #include "kvcomp/format.h"
 
 namespace kvcomp {
@@ -56,8 +57,9 @@ inline bool row_storable(Kind k, const float* x, int n) {
 
 template <Kind K>
 void decode_row_k(const Section& s, const uint8_t* tile, int t, int hd, float* out) {
-  const uint8_t* row = tile + s.offset + (int64_t)t * s.row_bytes;
-  for (int c = 0; c < hd; ++c) out[c] = decode(K, load_code(K, row, c), load_params(s, tile, t, c));
+  Reader<K> r(s, tile, hd);
+  simd::vf8 ts = simd::set8(r.token_scale(t));
+  for (int sub = 0; sub < hd / 8; ++sub) simd::store8(out + 8 * sub, simd::mul8(r.run(t, sub), ts));
 }
 inline void decode_row(const Section& s, const uint8_t* tile, int t, int hd, float* out) {
   KVC_DISPATCH_KIND(s.fmt.kind, [&] { decode_row_k<K>(s, tile, t, hd, out); });

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "cpu/codec.h"
-#include "cpu/simd.h"
 
 namespace kvcomp {
 using namespace simd;
@@ -20,36 +19,6 @@ namespace {
 
 constexpr int kHeadSlice = 4;       // query heads per register pass
 constexpr int kPrefetchBlocks = 4;  // how far ahead tiles are prefetched
-
-// One side's tile reader for kind K: dequantized (or, for per-token symmetric
-// kinds, unscaled) 8-channel runs. token_scale() is the factor left out.
-template <Kind K>
-struct Reader {
-  const uint8_t* data;
-  const float* meta;
-  int row_bytes, groups, group, head_dim;
-
-  Reader(const Section& s, const uint8_t* tile, int hd)
-      : data(tile + s.offset), meta((const float*)(tile + s.meta_offset())),
-        row_bytes(s.row_bytes), groups(s.fmt.group ? hd / s.fmt.group : 0),
-        group(s.fmt.group), head_dim(hd) {}
-
-  float token_scale(int t) const {
-    if constexpr (is_symmetric_token(K)) return meta[t] * kCodeScale<K>;
-    return 1.0f;
-  }
-  vf8 run(int t, int sub) const {
-    vf8 c = codes8<K>(data + (int64_t)t * row_bytes, sub);
-    if constexpr (is_grouped(K)) {
-      const float* p = meta + 2 * (t * groups + sub * 8 / group);
-      return fma8(c, set8(p[0]), set8(p[1]));
-    } else if constexpr (is_per_channel(K)) {
-      return fma8(c, load8(meta + 8 * sub), load8(meta + head_dim + 8 * sub));
-    } else {
-      return c;
-    }
-  }
-};
 
 // Sums NH accumulators into logits[h * ld], times the token's scale.
 template <int NH>

@@ -18,6 +18,22 @@ void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, cons
   check_ids(src, n, hot.num_blocks, "src_blocks");
   check_ids(dst, n, cold.num_blocks, "dst_blocks");
   const int hd = hot.layout.head_dim, bs = hot.layout.block_size;
+  // A hot block holding NaN/Inf is rejected before anything is written.
+  parallel_for(n * hot.num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(hd);
+    for (int64_t w = begin; w < end; ++w) {
+      int64_t i = w / hot.num_heads;
+      for (int side = 0; side < 2; ++side)
+        for (int t = 0; t < bs; ++t) {
+          decode_row(side ? hot.layout.v : hot.layout.k, hot.tile(src[i], (int)(w % hot.num_heads)),
+                     t, hd, x.data());
+          if (!row_storable(side ? cold.layout.v.fmt.kind : cold.layout.k.fmt.kind, x.data(), hd))
+            throw ArgError("hot_pool block src_blocks[" + std::to_string(i) + "] = " +
+                           std::to_string(src[i]) + " holds NaN or Inf (token " +
+                           std::to_string(t) + ")");
+        }
+    }
+  });
   parallel_for(n * hot.num_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x((size_t)bs * hd);
     for (int64_t w = begin; w < end; ++w) {

@@ -133,7 +133,11 @@ KVC_HD QParams asymmetric_params(Kind k, float lo, float hi) {
 // Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
 KVC_HD uint32_t encode(Kind k, float x, QParams p) {
   if (is_raw(k)) return k == Kind::FP16 ? float_to_half(x) : float_to_bf16(x);
-  float y = p.scale > 0.0f ? (x - p.zero) / p.scale : 0.0f;
+  float y = 0.0f;
+  if (p.scale > 0.0f) {
+    float d = x - p.zero;  // overflows only for ranges near FLT_MAX
+    y = isfinite(d) ? d / p.scale : x / p.scale - p.zero / p.scale;
+  }
   if (is_fp8(k)) {
     uint32_t sign = f2u(y) >> 31 << 7;
     float a = fabsf(y);
