@@ -19,7 +19,9 @@ def sources(pattern):
 
 
 def cpu_flags():
-    flags = ["-O3", "-fvisibility=hidden"]  # C++17 code; torch picks the -std it needs
+    # C++17 code; torch picks the -std it needs. -fopenmp: at::parallel_for
+    # is an OpenMP pragma in ATen's headers, serial without it.
+    flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     isa = os.environ.get("KVCOMP_CPU_ISA", "avx2")
     if isa == "avx2" and platform.machine().lower() in ("x86_64", "amd64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
@@ -30,7 +32,8 @@ def cpu_flags():
 
 def extension():
     srcs = sources("csrc/*.cpp") + sources("csrc/kvcomp/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/ops/*.cpp")
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cpu_flags()})
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cpu_flags()},
+                  extra_link_args=["-fopenmp"])
     return cpp_extension.CppExtension("kvcomp._C", srcs, **kwargs)
 
 

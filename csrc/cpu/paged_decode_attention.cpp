@@ -99,11 +99,11 @@ void with_slice(int nh, Args&&... args) {
   }
 }
 
-// Online-softmax state of one work item: G heads' running max, sum and output.
+// Online-softmax state of query heads: running max, sum and output.
 struct Partial {
   float* m;
   float* l;
-  float* acc;  // [G][hd]
+  float* acc;  // [heads][hd]
 };
 
 template <Kind KK, Kind VK>
@@ -121,64 +121,75 @@ struct Item {
     }
   };
 
-  // Attends tokens [t0, t1) of sequence b with KV head kvh for heads q[G].
-  static void run(const DecodeArgs& a, int64_t b, int kvh, int64_t t0, int64_t t1,
+  // Tokens [start, start + n) of one tile for the G query heads of its KV head.
+  static void tile(const DecodeArgs& a, const uint8_t* tile, int n, int64_t start,
+                   const float* q, float* logits_row, float* logits_buf, Partial st) {
+    const TileLayout& L = a.pool->layout;
+    const int hd = L.head_dim, bs = L.block_size;
+    const int G = a.num_heads / a.pool->num_heads;
+    Reader<KK> kr(L.k, tile, hd);
+    Reader<VK> vr(L.v, tile, hd);
+    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
+      with_slice<QK>(std::min(kHeadSlice, G - h0), kr, n, q + h0 * hd, hd, logits_buf + h0 * bs, bs);
+    if (logits_row)
+      for (int h = 0; h < G; ++h)
+        memcpy(logits_row + h * a.logits_len + start, logits_buf + h * bs, n * sizeof(float));
+    for (int h = 0; h < G; ++h) {
+      float* lg = logits_buf + h * bs;
+      for (int t = n; t < bs; ++t) lg[t] = -INFINITY;
+      vf8 mx = set8(-INFINITY);
+      for (int t = 0; t < bs; t += 8) mx = max8(mx, load8(lg + t));
+      float m_new = fmaxf(st.m[h], hmax8(mx));
+      if (m_new > st.m[h] && st.m[h] != -INFINITY) {
+        float corr = expf(st.m[h] - m_new);
+        st.l[h] *= corr;
+        for (int c = 0; c < hd; ++c) st.acc[h * hd + c] *= corr;
+      }
+      st.m[h] = m_new;
+      vf8 sum = zero8(), mv = set8(m_new);
+      for (int t = 0; t < bs; t += 8) {
+        vf8 p = exp8(sub8(load8(lg + t), mv));
+        sum = add8(sum, p);
+        store8(lg + t, p);
+      }
+      st.l[h] += hsum8(sum);
+      for (int t = 0; t < n; ++t) lg[t] *= vr.token_scale(t);
+    }
+    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
+      with_slice<PV>(std::min(kHeadSlice, G - h0), vr, n, logits_buf + h0 * bs, bs, hd,
+                     st.acc + h0 * hd);
+  }
+
+  // Tokens [t0, t1) of sequence b for KV heads [h0, h1). A block's tiles of
+  // all heads are adjacent in the pool, so the heads are the inner loop: the
+  // reads stream through memory block by block.
+  static void run(const DecodeArgs& a, int64_t b, int h0, int h1, int64_t t0, int64_t t1,
                   const float* q, float* logits_buf, Partial st) {
     const Pool& pool = *a.pool;
-    const TileLayout& L = pool.layout;
-    const int hd = L.head_dim, bs = L.block_size;
+    const int hd = pool.layout.head_dim, bs = pool.layout.block_size;
     const int G = a.num_heads / pool.num_heads;
-    for (int h = 0; h < G; ++h) st.m[h] = -INFINITY, st.l[h] = 0.0f;
-    memset(st.acc, 0, sizeof(float) * G * hd);
+    const int32_t* ids = a.bt.ids + b * a.bt.max_blocks;
     for (int64_t start = t0; start < t1; start += bs) {
       const int n = (int)std::min<int64_t>(bs, t1 - start);
-      const uint8_t* tile = pool.tile(a.bt.ids[b * a.bt.max_blocks + start / bs], kvh);
-      // Blocks sit anywhere in the pool, beyond the hardware prefetcher's
-      // reach: fetch a tile a few blocks ahead while this one is computed.
-      if (start + kPrefetchBlocks * bs < t1) {
-        const char* ahead =
-            (const char*)pool.tile(a.bt.ids[b * a.bt.max_blocks + start / bs + kPrefetchBlocks], kvh);
-        for (int64_t off = 0; off < pool.tile_bytes; off += 64) __builtin_prefetch(ahead + off);
-      }
-      Reader<KK> kr(L.k, tile, hd);
-      Reader<VK> vr(L.v, tile, hd);
-      for (int h0 = 0; h0 < G; h0 += kHeadSlice)
-        with_slice<QK>(std::min(kHeadSlice, G - h0), kr, n, q + h0 * hd, hd,
-                       logits_buf + h0 * bs, bs);
-      if (a.logits)
-        for (int h = 0; h < G; ++h)
-          memcpy(a.logits + ((b * a.num_heads) + kvh * G + h) * a.logits_len + start,
-                 logits_buf + h * bs, n * sizeof(float));
-      for (int h = 0; h < G; ++h) {
-        float* lg = logits_buf + h * bs;
-        for (int t = n; t < bs; ++t) lg[t] = -INFINITY;
-        vf8 mx = set8(-INFINITY);
-        for (int t = 0; t < bs; t += 8) mx = max8(mx, load8(lg + t));
-        float m_new = fmaxf(st.m[h], hmax8(mx));
-        if (m_new > st.m[h] && st.m[h] != -INFINITY) {
-          float corr = expf(st.m[h] - m_new);
-          st.l[h] *= corr;
-          for (int c = 0; c < hd; ++c) st.acc[h * hd + c] *= corr;
+      // Blocks sit anywhere in the pool: fetch the tiles a few blocks ahead
+      // while this block is computed.
+      const bool ahead = start + kPrefetchBlocks * bs < t1;
+      for (int kvh = h0; kvh < h1; ++kvh) {
+        if (ahead) {
+          const char* p = (const char*)pool.tile(ids[start / bs + kPrefetchBlocks], kvh);
+          for (int64_t off = 0; off < pool.tile_bytes; off += 64) __builtin_prefetch(p + off);
         }
-        st.m[h] = m_new;
-        vf8 sum = zero8(), mv = set8(m_new);
-        for (int t = 0; t < bs; t += 8) {
-          vf8 p = exp8(sub8(load8(lg + t), mv));
-          sum = add8(sum, p);
-          store8(lg + t, p);
-        }
-        st.l[h] += hsum8(sum);
-        for (int t = 0; t < n; ++t) lg[t] *= vr.token_scale(t);
+        const int64_t hq = (int64_t)kvh * G, j = hq - (int64_t)h0 * G;
+        float* logits_row = a.logits ? a.logits + (b * a.num_heads + hq) * a.logits_len : nullptr;
+        tile(a, pool.tile(ids[start / bs], kvh), n, start, q + j * hd, logits_row, logits_buf,
+             Partial{st.m + j, st.l + j, st.acc + j * hd});
       }
-      for (int h0 = 0; h0 < G; h0 += kHeadSlice)
-        with_slice<PV>(std::min(kHeadSlice, G - h0), vr, n, logits_buf + h0 * bs, bs, hd,
-                       st.acc + h0 * hd);
     }
   }
 };
 
-using ItemFn = void (*)(const DecodeArgs&, int64_t, int, int64_t, int64_t, const float*, float*,
-                        Partial);
+using ItemFn = void (*)(const DecodeArgs&, int64_t, int, int, int64_t, int64_t, const float*,
+                        float*, Partial);
 
 template <Kind KK>
 ItemFn pick_v(Kind vk) {
@@ -199,58 +210,63 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
 
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, a.seq_lens[b]);
-  // Split long sequences so every thread gets several items; splits hold at
-  // least 256 tokens and whole blocks.
+  // Work items: (sequence, split of it, range of KV heads). Long sequences
+  // are split so every thread gets several items (splits hold at least 256
+  // tokens, whole blocks); heads are divided only when that is not enough.
   const int64_t threads = std::max(1, num_threads());
-  int64_t splits = std::max<int64_t>(1, (4 * threads + batch * hkv - 1) / (batch * hkv));
+  int64_t splits = std::max<int64_t>(1, (4 * threads + batch - 1) / batch);
   int64_t split_len = std::max<int64_t>(256, (max_len + splits - 1) / splits);
   split_len = (split_len + bs - 1) / bs * bs;
   splits = std::max<int64_t>(1, (max_len + split_len - 1) / split_len);
+  const int64_t hchunks = std::min<int64_t>(hkv, std::max<int64_t>(1, (4 * threads) / (batch * splits)));
+  const int hper = (int)((hkv + hchunks - 1) / hchunks);
+  const int64_t H = a.num_heads;
 
-  std::vector<float> q((size_t)batch * a.num_heads * hd);
+  std::vector<float> q((size_t)batch * H * hd);
   for (size_t i = 0; i < q.size(); ++i) q[i] = a.query[i] * a.scale;
-  // Partial states: [batch, hkv, splits] items, each G heads.
-  const int64_t items = batch * hkv * splits;
-  std::vector<float> ml((size_t)items * G * 2), acc((size_t)items * G * hd);
+  // Partial states per (sequence, split): m[H], l[H], acc[H][hd].
+  const int64_t parts = batch * splits;
+  std::vector<float> ml((size_t)parts * H * 2), acc((size_t)parts * H * hd);
   ItemFn fn = pick(pool.layout.k.fmt.kind, pool.layout.v.fmt.kind);
 
-  parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(parts * hchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits_buf((size_t)G * bs);
     for (int64_t w = begin; w < end; ++w) {
-      int64_t b = w / (hkv * splits), s = w % splits;
-      int kvh = (int)(w / splits % hkv);
+      int64_t part = w / hchunks, b = part / splits, s = part % splits;
+      int h0 = (int)(w % hchunks) * hper, h1 = std::min<int>(hkv, h0 + hper);
+      if (h0 >= h1) continue;
       int64_t t0 = s * split_len, t1 = std::min<int64_t>(a.seq_lens[b], t0 + split_len);
-      Partial st{&ml[w * G * 2], &ml[w * G * 2 + G], &acc[w * G * hd]};
-      if (t0 >= t1) {
-        for (int h = 0; h < G; ++h) st.m[h] = -INFINITY, st.l[h] = 0.0f;
-        continue;
-      }
-      fn(a, b, kvh, t0, t1, &q[(b * a.num_heads + kvh * G) * hd], logits_buf.data(), st);
+      float* m = &ml[part * H * 2 + (int64_t)h0 * G];
+      float* l = m + H;
+      for (int64_t j = 0; j < (int64_t)(h1 - h0) * G; ++j) m[j] = -INFINITY, l[j] = 0.0f;
+      float* ac = &acc[(part * H + (int64_t)h0 * G) * hd];
+      memset(ac, 0, sizeof(float) * (h1 - h0) * G * hd);
+      if (t0 < t1)
+        fn(a, b, h0, h1, t0, t1, &q[(b * H + (int64_t)h0 * G) * hd], logits_buf.data(),
+           Partial{m, l, ac});
     }
   });
 
   // Exact merge of the splits: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
-  parallel_for(batch * a.num_heads, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(batch * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int64_t b = r / a.num_heads;
-      int hq = (int)(r % a.num_heads), kvh = hq / G, h = hq % G;
-      int64_t first = (b * hkv + kvh) * splits;
+      int64_t b = r / H, hq = r % H;
       float M = -INFINITY;
-      for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, ml[(first + s) * G * 2 + h]);
+      for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, ml[(b * splits + s) * H * 2 + hq]);
       float* o = a.out + r * hd;
+      memset(o, 0, hd * sizeof(float));
       if (M == -INFINITY) {
-        memset(o, 0, hd * sizeof(float));
         a.lse[r] = -INFINITY;
         continue;
       }
       float Lsum = 0.0f;
-      memset(o, 0, hd * sizeof(float));
       for (int64_t s = 0; s < splits; ++s) {
-        float m = ml[(first + s) * G * 2 + h];
+        int64_t part = b * splits + s;
+        float m = ml[part * H * 2 + hq];
         if (m == -INFINITY) continue;
         float w = expf(m - M);
-        Lsum += ml[(first + s) * G * 2 + G + h] * w;
-        const float* as = &acc[((first + s) * G + h) * hd];
+        Lsum += ml[part * H * 2 + H + hq] * w;
+        const float* as = &acc[(part * H + hq) * hd];
         for (int c = 0; c < hd; ++c) o[c] += as[c] * w;
       }
       for (int c = 0; c < hd; ++c) o[c] /= Lsum;
