@@ -207,6 +207,7 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
   const int hd = pool.layout.head_dim, bs = pool.layout.block_size;
   const int hkv = pool.num_heads, G = a.num_heads / hkv;
   const int64_t batch = a.bt.batch;
+  if (batch == 0) return;
 
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, a.seq_lens[b]);
