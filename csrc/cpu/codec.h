@@ -75,7 +75,7 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd
     for (int c = 0; c < hd; ++c) store_code(K, row, c, encode(K, x[c], QParams{1, 0}));
   } else if constexpr (is_symmetric_token(K)) {
     float absmax = 0.0f;
-    for (int c = 0; c < hd; ++c) absmax = fmaxf(absmax, fabsf(x[c]));
+    for (int c = 0; c < hd; ++c) absmax = max_f(absmax, fabsf(x[c]));
     QParams p = symmetric_params(K, absmax);
     meta[t] = p.scale;
     for (int c = 0; c < hd; ++c) store_code(K, row, c, encode(K, x[c], p));
@@ -84,7 +84,7 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd
     for (int gi = 0; gi < groups; ++gi) {
       const float* xg = x + gi * g;
       float lo = xg[0], hi = xg[0];
-      for (int c = 1; c < g; ++c) lo = fminf(lo, xg[c]), hi = fmaxf(hi, xg[c]);
+      for (int c = 1; c < g; ++c) lo = min_f(lo, xg[c]), hi = max_f(hi, xg[c]);
       QParams p = asymmetric_params(K, lo, hi);
       meta[2 * (t * groups + gi)] = p.scale;
       meta[2 * (t * groups + gi) + 1] = p.zero;
@@ -107,7 +107,7 @@ void encode_block_k(const Section& s, uint8_t* tile, const float* x, int n, int 
   memset(data, 0, (size_t)bs * s.row_bytes);
   for (int c = 0; c < hd; ++c) {
     float lo = n ? x[c] : 0.0f, hi = lo;
-    for (int t = 1; t < n; ++t) lo = fminf(lo, x[t * hd + c]), hi = fmaxf(hi, x[t * hd + c]);
+    for (int t = 1; t < n; ++t) lo = min_f(lo, x[t * hd + c]), hi = max_f(hi, x[t * hd + c]);
     QParams p = asymmetric_params(K, lo, hi);
     meta[c] = p.scale;
     meta[hd + c] = p.zero;

@@ -20,6 +20,15 @@ namespace {
 constexpr int kHeadSlice = 4;       // query heads per register pass
 constexpr int kPrefetchBlocks = 4;  // how far ahead tiles are prefetched
 
+// Calls f(sub) for the 8-channel runs of a row, unrolled by four from a
+// multiple of four so sub-byte unpacking gets constant shifts.
+template <class F>
+inline void for_subs(int hd, F&& f) {
+  int sub = 0;
+  for (; sub + 4 <= hd / 8; sub += 4) f(sub), f(sub + 1), f(sub + 2), f(sub + 3);
+  for (; sub < hd / 8; ++sub) f(sub);
+}
+
 // Sums NH accumulators into logits[h * ld], times the token's scale.
 template <int NH>
 inline void store_logits(const vf8* acc, float ts, float* logits, int ld) {
@@ -40,24 +49,25 @@ void qk_block(const Reader<K>& kr, int n, const float* q, int hd, float* logits,
   for (; t + 2 <= n; t += 2) {
     vf8 a0[NH], a1[NH];
     for (int h = 0; h < NH; ++h) a0[h] = a1[h] = zero8();
-    for (int sub = 0; sub < hd / 8; ++sub) {
+    auto step = [&](int sub) {
       vf8 k0 = kr.run(t, sub), k1 = kr.run(t + 1, sub);
       for (int h = 0; h < NH; ++h) {
         vf8 qv = load8_reg(q + h * hd + 8 * sub);
         a0[h] = fma8(qv, k0, a0[h]);
         a1[h] = fma8(qv, k1, a1[h]);
       }
-    }
+    };
+    for_subs(hd, step);
     store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
     store_logits<NH>(a1, kr.token_scale(t + 1), logits + t + 1, ld);
   }
   if (t < n) {
     vf8 a0[NH];
     for (int h = 0; h < NH; ++h) a0[h] = zero8();
-    for (int sub = 0; sub < hd / 8; ++sub) {
+    for_subs(hd, [&](int sub) {
       vf8 k0 = kr.run(t, sub);
       for (int h = 0; h < NH; ++h) a0[h] = fma8(load8(q + h * hd + 8 * sub), k0, a0[h]);
-    }
+    });
     store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
   }
 }
@@ -67,7 +77,7 @@ void qk_block(const Reader<K>& kr, int n, const float* q, int hd, float* logits,
 // broadcast p feeds two FMAs and 2*NH accumulators hide the FMA latency.
 template <Kind K, int NH>
 void pv_block(const Reader<K>& vr, int n, const float* p, int ld, int hd, float* acc) {
-  for (int sub = 0; sub < hd / 8; sub += 2) {
+  auto pair = [&](int sub) {
     vf8 o0[NH], o1[NH];
     for (int h = 0; h < NH; ++h) {
       o0[h] = load8(acc + h * hd + 8 * sub);
@@ -85,7 +95,11 @@ void pv_block(const Reader<K>& vr, int n, const float* p, int ld, int hd, float*
       store8(acc + h * hd + 8 * sub, o0[h]);
       store8(acc + h * hd + 8 * sub + 8, o1[h]);
     }
-  }
+  };
+  // head_dim is a multiple of 16, so runs come in pairs; four at a time when possible.
+  int sub = 0;
+  for (; sub + 4 <= hd / 8; sub += 4) pair(sub), pair(sub + 2);
+  if (sub < hd / 8) pair(sub);
 }
 
 // Dispatches a head slice of 1..4 heads to the templates above.

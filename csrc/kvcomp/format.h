@@ -111,6 +111,11 @@ KVC_HD float decode_e5m2(uint8_t c) {
   return u2f(sign | ((e + 112u) << 23) | (m << 21));
 }
 
+// Min/max of non-NaN values; unlike fminf/fmaxf they compile to one
+// instruction everywhere (NaN is rejected before any value is encoded).
+KVC_HD float min_f(float a, float b) { return a < b ? a : b; }
+KVC_HD float max_f(float a, float b) { return a > b ? a : b; }
+
 // ------------------------------------------------------------ quant params
 // x_hat = code * scale + zero  (symmetric kinds: zero = 0, code signed).
 struct QParams {
@@ -141,11 +146,11 @@ KVC_HD uint32_t encode(Kind k, float x, QParams p) {
   if (is_fp8(k)) {
     uint32_t sign = f2u(y) >> 31 << 7;
     float a = fabsf(y);
-    return sign | (k == Kind::FP8_E4M3 ? encode_e4m3_abs(fminf(a, kE4M3Max))
-                                       : encode_e5m2_abs(fminf(a, kE5M2Max)));
+    return sign | (k == Kind::FP8_E4M3 ? encode_e4m3_abs(min_f(a, kE4M3Max))
+                                       : encode_e5m2_abs(min_f(a, kE5M2Max)));
   }
-  if (k == Kind::INT8) return (uint32_t)(uint8_t)(int8_t)rintf(fminf(fmaxf(y, -127.0f), 127.0f));
-  return (uint32_t)rintf(fminf(fmaxf(y, 0.0f), (float)max_code(k)));
+  if (k == Kind::INT8) return (uint32_t)(uint8_t)(int8_t)rintf(min_f(max_f(y, -127.0f), 127.0f));
+  return (uint32_t)rintf(min_f(max_f(y, 0.0f), (float)max_code(k)));
 }
 // Code as a float before scaling (what the attention loops multiply by the scale).
 KVC_HD float code_value(Kind k, uint32_t c) {
