@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/codec.h"
@@ -20,13 +21,17 @@ namespace {
 constexpr int kHeadSlice = 4;       // query heads per register pass
 constexpr int kPrefetchBlocks = 4;  // how far ahead tiles are prefetched
 
-// Calls f(sub) for the 8-channel runs of a row, unrolled by four from a
-// multiple of four so sub-byte unpacking gets constant shifts.
+// Calls f(P, c) for every run pair of a row (see Reader::run_pair), with P
+// a compile-time constant: head_dim / 16 pairs, two per 32-channel chunk.
 template <class F>
-inline void for_subs(int hd, F&& f) {
-  int sub = 0;
-  for (; sub + 4 <= hd / 8; sub += 4) f(sub), f(sub + 1), f(sub + 2), f(sub + 3);
-  for (; sub < hd / 8; ++sub) f(sub);
+inline void for_pairs(int hd, F&& f) {
+  const int pairs = hd / 16;
+  int i = 0;
+  for (; i + 2 <= pairs; i += 2) {
+    f(std::integral_constant<int, 0>{}, i / 2);
+    f(std::integral_constant<int, 1>{}, i / 2);
+  }
+  if (i < pairs) f(std::integral_constant<int, 0>{}, i / 2);
 }
 
 // Sums NH accumulators into logits[h * ld], times the token's scale.
@@ -45,61 +50,49 @@ inline void store_logits(const vf8* acc, float ts, float* logits, int ld) {
 // so each q vector load feeds two FMAs.
 template <Kind K, int NH>
 void qk_block(const Reader<K>& kr, int n, const float* q, int hd, float* logits, int ld) {
-  int t = 0;
-  for (; t + 2 <= n; t += 2) {
+  for (int t = 0; t < n; t += 2) {
+    const int t1 = t + 1 < n ? t + 1 : t;  // an odd last token is computed twice
     vf8 a0[NH], a1[NH];
     for (int h = 0; h < NH; ++h) a0[h] = a1[h] = zero8();
-    auto step = [&](int sub) {
-      vf8 k0 = kr.run(t, sub), k1 = kr.run(t + 1, sub);
-      for (int h = 0; h < NH; ++h) {
-        vf8 qv = load8_reg(q + h * hd + 8 * sub);
-        a0[h] = fma8(qv, k0, a0[h]);
-        a1[h] = fma8(qv, k1, a1[h]);
+    for_pairs(hd, [&](auto P, int c) {
+      vf8 k0[2], k1[2];
+      kr.template run_pair<P()>(t, c, k0[0], k0[1]);
+      kr.template run_pair<P()>(t1, c, k1[0], k1[1]);
+      for (int i = 0; i < 2; ++i) {
+        const float* qs = q + 8 * (4 * c + Reader<K>::pair_sub(P(), i));
+        for (int h = 0; h < NH; ++h) {
+          vf8 qv = load8_reg(qs + h * hd);
+          a0[h] = fma8(qv, k0[i], a0[h]);
+          a1[h] = fma8(qv, k1[i], a1[h]);
+        }
       }
-    };
-    for_subs(hd, step);
-    store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
-    store_logits<NH>(a1, kr.token_scale(t + 1), logits + t + 1, ld);
-  }
-  if (t < n) {
-    vf8 a0[NH];
-    for (int h = 0; h < NH; ++h) a0[h] = zero8();
-    for_subs(hd, [&](int sub) {
-      vf8 k0 = kr.run(t, sub);
-      for (int h = 0; h < NH; ++h) a0[h] = fma8(load8(q + h * hd + 8 * sub), k0, a0[h]);
     });
     store_logits<NH>(a0, kr.token_scale(t), logits + t, ld);
+    if (t1 != t) store_logits<NH>(a1, kr.token_scale(t1), logits + t1, ld);
   }
 }
 
 // acc[h] += sum_t p[h][t] * v[t] for NH heads over n tokens (p already holds
-// the per-token scale of symmetric kinds). Two channel runs per pass, so each
+// the per-token scale of symmetric kinds). A run pair per pass, so each
 // broadcast p feeds two FMAs and 2*NH accumulators hide the FMA latency.
 template <Kind K, int NH>
 void pv_block(const Reader<K>& vr, int n, const float* p, int ld, int hd, float* acc) {
-  auto pair = [&](int sub) {
+  for_pairs(hd, [&](auto P, int c) {
+    float* oa = acc + 8 * (4 * c + Reader<K>::pair_sub(P(), 0));
+    float* ob = acc + 8 * (4 * c + Reader<K>::pair_sub(P(), 1));
     vf8 o0[NH], o1[NH];
-    for (int h = 0; h < NH; ++h) {
-      o0[h] = load8(acc + h * hd + 8 * sub);
-      o1[h] = load8(acc + h * hd + 8 * sub + 8);
-    }
+    for (int h = 0; h < NH; ++h) o0[h] = load8(oa + h * hd), o1[h] = load8(ob + h * hd);
     for (int t = 0; t < n; ++t) {
-      vf8 v0 = vr.run(t, sub), v1 = vr.run(t, sub + 1);
+      vf8 v0, v1;
+      vr.template run_pair<P()>(t, c, v0, v1);
       for (int h = 0; h < NH; ++h) {
         vf8 ph = set8(p[h * ld + t]);
         o0[h] = fma8(ph, v0, o0[h]);
         o1[h] = fma8(ph, v1, o1[h]);
       }
     }
-    for (int h = 0; h < NH; ++h) {
-      store8(acc + h * hd + 8 * sub, o0[h]);
-      store8(acc + h * hd + 8 * sub + 8, o1[h]);
-    }
-  };
-  // head_dim is a multiple of 16, so runs come in pairs; four at a time when possible.
-  int sub = 0;
-  for (; sub + 4 <= hd / 8; sub += 4) pair(sub), pair(sub + 2);
-  if (sub < hd / 8) pair(sub);
+    for (int h = 0; h < NH; ++h) store8(oa + h * hd, o0[h]), store8(ob + h * hd, o1[h]);
+  });
 }
 
 // Dispatches a head slice of 1..4 heads to the templates above.

@@ -111,6 +111,20 @@ inline vf8 codes8(const uint8_t* row, int sub) {
 template <Kind K>
 constexpr float kCodeScale = K == Kind::FP8_E4M3 ? 256.0f : 1.0f;
 
+// Eight bytes zero-extended to 32-bit lanes, and a bit field of them as
+// floats: (x >> SHIFT) & MASK (MASK 0: no mask). Lets one load of packed
+// sub-byte codes feed several channel runs.
+struct vi8 {
+  __m256i v;
+};
+inline vi8 bytes8(const uint8_t* p) { return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))}; }
+template <int SHIFT, int MASK>
+inline vf8 field8(vi8 x) {
+  __m256i y = SHIFT ? _mm256_srli_epi32(x.v, SHIFT) : x.v;
+  if (MASK) y = _mm256_and_si256(y, _mm256_set1_epi32(MASK));
+  return {_mm256_cvtepi32_ps(y)};
+}
+
 #else  // portable
 
 struct vf8 {
@@ -140,6 +154,16 @@ inline vf8 codes8(const uint8_t* row, int sub) {
 }
 template <Kind K>
 constexpr float kCodeScale = 1.0f;
+struct vi8 {
+  int32_t v[8];
+};
+inline vi8 bytes8(const uint8_t* p) { vi8 r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+template <int SHIFT, int MASK>
+inline vf8 field8(vi8 x) {
+  vf8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = (float)(MASK ? (x.v[i] >> SHIFT) & MASK : x.v[i] >> SHIFT);
+  return r;
+}
 #endif
 
 }  // namespace simd
