@@ -19,7 +19,7 @@ using namespace simd;
 namespace {
 
 constexpr int kHeadSlice = 4;       // query heads per register pass
-constexpr int kPrefetchBlocks = 4;  // how far ahead tiles are prefetched
+constexpr int kPrefetchBlocks = 2;  // how far ahead tiles are prefetched
 
 // Calls f(P, c) for every run pair of a row (see Reader::run_pair), with P
 // a compile-time constant: head_dim / 16 pairs, two per 32-channel chunk.
