@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "kvcomp/format.h"
 
 namespace kvcomp {
 
@@ -55,6 +56,40 @@ void accumulate_scores_cpu(const float* logits, int64_t logits_len, const float*
   });
 }
 
+namespace {
+
+// Order-preserving key of a score: larger score, larger key; -0 == +0; NaN lowest.
+inline uint32_t score_key(float x) {
+  if (isnan(x)) return 0;
+  uint32_t u = x == 0.0f ? 0u : f2u(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The k-th largest key of keys[0..n) (1 <= k <= n) by MSB-first radix
+// select, and how many keys equal to it belong to the top k.
+void radix_select(const uint32_t* keys, int64_t n, int64_t k, uint32_t* threshold,
+                  int64_t* take_equal) {
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = k;
+  int64_t hist[2048];
+  for (int shift : {21, 10, 0}) {
+    const int bits = shift == 0 ? 10 : 11, buckets = 1 << bits;
+    std::fill(hist, hist + buckets, 0);
+    for (int64_t i = 0; i < n; ++i)
+      if ((keys[i] & mask) == prefix) ++hist[(keys[i] >> shift) & (buckets - 1)];
+    int64_t above = 0;
+    int d = buckets - 1;
+    for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+    remaining -= above;
+    prefix |= (uint32_t)d << shift;
+    mask |= (uint32_t)(buckets - 1) << shift;
+  }
+  *threshold = prefix;
+  *take_equal = remaining;
+}
+
+}  // namespace
+
 void heavy_hitter_topk_cpu(const float* scores, int64_t rows, int64_t rows_per_batch,
                            int64_t len, const int32_t* seq_lens, int64_t k, int32_t* out) {
   for (int64_t b = 0; b < rows / std::max<int64_t>(rows_per_batch, 1); ++b)
@@ -62,24 +97,26 @@ void heavy_hitter_topk_cpu(const float* scores, int64_t rows, int64_t rows_per_b
       throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
                      " is outside [0, " + std::to_string(len) + "] (the length of scores)");
   parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> idx;
+    std::vector<uint32_t> keys;
     for (int64_t r = begin; r < end; ++r) {
       const float* s = scores + r * len;
-      int64_t n = seq_lens[r / rows_per_batch];
+      const int64_t n = seq_lens[r / rows_per_batch];
       int32_t* o = out + r * k;
-      idx.resize(n);
-      for (int64_t i = 0; i < n; ++i) idx[i] = (int32_t)i;
-      // Larger score first, then lower position; NaN ranks below everything.
-      auto better = [s](int32_t a, int32_t b) {
-        float x = s[a], y = s[b];
-        bool xn = isnan(x), yn = isnan(y);
-        if (xn || yn) return xn != yn ? yn : a < b;
-        return x != y ? x > y : a < b;
-      };
-      int64_t m = std::min(n, k);
-      if (m < n) std::nth_element(idx.begin(), idx.begin() + m, idx.end(), better);
-      std::sort(idx.begin(), idx.begin() + m);
-      for (int64_t i = 0; i < k; ++i) o[i] = i < m ? idx[i] : -1;
+      int64_t m = 0;
+      if (n <= k) {
+        for (; m < n; ++m) o[m] = (int32_t)m;
+      } else {
+        // Positions above the threshold, then the lowest positions equal to
+        // it: one scan in position order yields them ascending.
+        keys.resize(n);
+        for (int64_t i = 0; i < n; ++i) keys[i] = score_key(s[i]);
+        uint32_t t;
+        int64_t eq;
+        radix_select(keys.data(), n, k, &t, &eq);
+        for (int64_t i = 0; i < n && m < k; ++i)
+          if (keys[i] > t || (keys[i] == t && eq-- > 0)) o[m++] = (int32_t)i;
+      }
+      for (; m < k; ++m) o[m] = -1;
     }
   });
 }
