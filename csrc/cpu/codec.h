@@ -12,6 +12,8 @@
 
 namespace kvcomp {
 
+constexpr int kMaxRow = 512;  // head_dim limit (kMaxHeadDim)
+
 // Calls body with a constexpr `K` equal to the runtime kind.
 #define KVC_DISPATCH_KIND(kind, ...)                                           \
   [&] {                                                                        \
@@ -29,11 +31,15 @@ namespace kvcomp {
     }                                                                          \
   }()
 
-inline float load_activation(const void* p, DType t, int64_t i) {
+// src[offset .. offset + n) as floats (the dtype switch outside the loop, so it vectorizes).
+inline void load_activations(const void* src, DType t, int64_t offset, int64_t n, float* dst) {
   switch (t) {
-    case DType::F32: return ((const float*)p)[i];
-    case DType::F16: return half_to_float(((const uint16_t*)p)[i]);
-    default: return bf16_to_float(((const uint16_t*)p)[i]);
+    case DType::F32: memcpy(dst, (const float*)src + offset, n * sizeof(float)); break;
+    case DType::F16:
+      for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(((const uint16_t*)src)[offset + i]);
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(((const uint16_t*)src)[offset + i]);
   }
 }
 inline void store_activation(void* p, DType t, int64_t i, float x) {
@@ -70,7 +76,6 @@ template <Kind K>
 void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd) {
   uint8_t* row = tile + s.offset + (int64_t)t * s.row_bytes;
   float* meta = (float*)(tile + s.meta_offset());
-  if constexpr (kind_bits(K) < 8) memset(row, 0, s.row_bytes);
   if constexpr (is_raw(K)) {
     for (int c = 0; c < hd; ++c) store_code(K, row, c, encode(K, x[c], QParams{1, 0}));
   } else if constexpr (is_symmetric_token(K)) {
@@ -78,9 +83,14 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd
     for (int c = 0; c < hd; ++c) absmax = max_f(absmax, fabsf(x[c]));
     QParams p = symmetric_params(K, absmax);
     meta[t] = p.scale;
-    for (int c = 0; c < hd; ++c) store_code(K, row, c, encode(K, x[c], p));
+    if constexpr (K == Kind::INT8) {
+      for (int c = 0; c < hd; ++c) row[c] = (uint8_t)int8_code(x[c], p);  // vectorizes
+    } else {
+      for (int c = 0; c < hd; ++c) row[c] = (uint8_t)encode(K, x[c], p);
+    }
   } else if constexpr (is_grouped(K)) {  // per-channel kinds: see encode_block_k
-    int g = s.fmt.group, groups = hd / g;
+    const int g = s.fmt.group, groups = hd / g;
+    uint8_t codes[kMaxRow];
     for (int gi = 0; gi < groups; ++gi) {
       const float* xg = x + gi * g;
       float lo = xg[0], hi = xg[0];
@@ -88,8 +98,14 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd
       QParams p = asymmetric_params(K, lo, hi);
       meta[2 * (t * groups + gi)] = p.scale;
       meta[2 * (t * groups + gi) + 1] = p.zero;
-      for (int c = 0; c < g; ++c) store_code(K, row, gi * g + c, encode(K, xg[c], p));
+      uint8_t* cg = codes + gi * g;
+      if (isfinite(hi - lo)) {
+        for (int c = 0; c < g; ++c) cg[c] = (uint8_t)asym_code(K, xg[c], p);  // vectorizes
+      } else {
+        for (int c = 0; c < g; ++c) cg[c] = (uint8_t)encode(K, xg[c], p);
+      }
     }
+    for (int c = 0; c < hd; c += kChunk) pack_chunk(K, codes + c, row + c / kChunk * (4 * kind_bits(K)));
   }
 }
 inline void encode_row(const Section& s, uint8_t* tile, int t, const float* x, int hd) {

@@ -22,7 +22,7 @@ void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t
       for (int side = 0; side < 2; ++side) {
         const void* src = side ? value : key;
         const Section& s = side ? L.v : L.k;
-        for (int64_t j = 0; j < row; ++j) x[j] = load_activation(src, dtype, i * row + j);
+        load_activations(src, dtype, i * row, row, x.data());
         if (!row_storable(s.fmt.kind, x.data(), (int)row))
           throw ArgError(std::string(side ? "value" : "key") + "[" + std::to_string(i) +
                          "] holds NaN or Inf (or overflows the storage format)");
@@ -39,7 +39,7 @@ void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t
       int t = (int)(slots[i] % L.block_size);
       for (int side = 0; side < 2; ++side) {
         const void* src = side ? value : key;
-        for (int c = 0; c < hd; ++c) x[c] = load_activation(src, dtype, i * row + h * hd + c);
+        load_activations(src, dtype, i * row + h * hd, hd, x.data());
         encode_row(side ? L.v : L.k, tile, t, x.data(), hd);
       }
     }

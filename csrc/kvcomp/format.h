@@ -136,20 +136,31 @@ KVC_HD QParams asymmetric_params(Kind k, float lo, float hi) {
 }
 
 // Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
+// Asymmetric code of x when x - zero is finite (always so when the range
+// hi - lo is): clamp(rint((x - zero) / scale), 0, max_code).
+KVC_HD uint32_t asym_code(Kind k, float x, QParams p) {
+  float y = p.scale > 0.0f ? (x - p.zero) / p.scale : 0.0f;
+  return (uint32_t)rintf(min_f(max_f(y, 0.0f), (float)max_code(k)));
+}
+// int8 code of x: clamp(rint(x / scale), -127, 127) as a byte.
+KVC_HD uint32_t int8_code(float x, QParams p) {
+  float y = p.scale > 0.0f ? x / p.scale : 0.0f;
+  return (uint32_t)(uint8_t)(int8_t)rintf(min_f(max_f(y, -127.0f), 127.0f));
+}
+
 KVC_HD uint32_t encode(Kind k, float x, QParams p) {
   if (is_raw(k)) return k == Kind::FP16 ? float_to_half(x) : float_to_bf16(x);
-  float y = 0.0f;
-  if (p.scale > 0.0f) {
-    float d = x - p.zero;  // overflows only for ranges near FLT_MAX
-    y = isfinite(d) ? d / p.scale : x / p.scale - p.zero / p.scale;
-  }
+  if (k == Kind::INT8) return int8_code(x, p);
   if (is_fp8(k)) {
+    float y = p.scale > 0.0f ? x / p.scale : 0.0f;
     uint32_t sign = f2u(y) >> 31 << 7;
     float a = fabsf(y);
     return sign | (k == Kind::FP8_E4M3 ? encode_e4m3_abs(min_f(a, kE4M3Max))
                                        : encode_e5m2_abs(min_f(a, kE5M2Max)));
   }
-  if (k == Kind::INT8) return (uint32_t)(uint8_t)(int8_t)rintf(min_f(max_f(y, -127.0f), 127.0f));
+  if (isfinite(x - p.zero)) return asym_code(k, x, p);
+  // A range near FLT_MAX: divide before subtracting.
+  float y = p.scale > 0.0f ? x / p.scale - p.zero / p.scale : 0.0f;
   return (uint32_t)rintf(min_f(max_f(y, 0.0f), (float)max_code(k)));
 }
 // Code as a float before scaling (what the attention loops multiply by the scale).
@@ -203,6 +214,16 @@ KVC_HD void store_code(Kind k, uint8_t* row, int c, uint32_t code) {
     row[p.byte] = (uint8_t)code;
   } else {
     row[p.byte] |= (uint8_t)(code << p.shift);
+  }
+}
+
+// Packs the 32 codes of one chunk (codes[i] for channel i) per the rule above.
+KVC_HD void pack_chunk(Kind k, const uint8_t* codes, uint8_t* out) {
+  const int b = kind_bits(k), nbytes = 4 * b;
+  for (int i = 0; i < nbytes; ++i) {
+    uint32_t v = 0;
+    for (int j = 0; j < 8 / b; ++j) v |= (uint32_t)codes[i + j * nbytes] << (b * j);
+    out[i] = (uint8_t)v;
   }
 }
 
