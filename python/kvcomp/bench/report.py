@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 from typing import Any, Callable, Sequence, Union
@@ -68,6 +69,7 @@ def _finite(obj: Any, path: str = "$") -> None:
 
 def write_json(path: str, data: dict) -> None:
     _finite(data)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=2, allow_nan=False)
         f.write("\n")
