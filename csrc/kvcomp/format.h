@@ -45,7 +45,6 @@ KVC_HD constexpr bool is_per_channel(Kind k) {
 KVC_HD constexpr bool is_grouped(Kind k) { return k == Kind::INT4 || k == Kind::INT2; }
 // fp8 and int8 carry one symmetric fp32 scale per token.
 KVC_HD constexpr bool is_symmetric_token(Kind k) { return is_fp8(k) || k == Kind::INT8; }
-KVC_HD constexpr bool is_asymmetric(Kind k) { return is_grouped(k) || is_per_channel(k); }
 KVC_HD constexpr int max_code(Kind k) { return (1 << kind_bits(k)) - 1; }
 
 // ---------------------------------------------------------------- bit casts
