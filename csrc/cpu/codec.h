@@ -42,11 +42,15 @@ inline void load_activations(const void* src, DType t, int64_t offset, int64_t n
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(((const uint16_t*)src)[offset + i]);
   }
 }
-inline void store_activation(void* p, DType t, int64_t i, float x) {
+// dst[offset .. offset + n) = src in the activation dtype (round to nearest even).
+inline void store_activations(const float* src, int64_t n, DType t, void* dst, int64_t offset) {
   switch (t) {
-    case DType::F32: ((float*)p)[i] = x; break;
-    case DType::F16: ((uint16_t*)p)[i] = float_to_half(x); break;
-    default: ((uint16_t*)p)[i] = float_to_bf16(x); break;
+    case DType::F32: memcpy((float*)dst + offset, src, n * sizeof(float)); break;
+    case DType::F16:
+      for (int64_t i = 0; i < n; ++i) ((uint16_t*)dst)[offset + i] = float_to_half(src[i]);
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) ((uint16_t*)dst)[offset + i] = float_to_bf16(src[i]);
   }
 }
 

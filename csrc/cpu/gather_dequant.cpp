@@ -26,7 +26,7 @@ void gather_dequant_cpu(const Pool& pool, const BlockTables& bt, const int32_t* 
                        x.data());
           else
             memset(x.data(), 0, hd * sizeof(float));
-          for (int c = 0; c < hd; ++c) store_activation(dst, dtype, base + c, x[c]);
+          store_activations(x.data(), hd, dtype, dst, base);
         }
       }
     }
