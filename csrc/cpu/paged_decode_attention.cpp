@@ -1,9 +1,8 @@
 // Paged decode attention on the CPU: flash-decoding over compressed tiles.
-// Work items are (sequence, KV head, split of the sequence); every item keeps
-// all query heads of its KV group, so each K/V vector is dequantized once into
-// registers and used by the whole group. Splits are merged exactly by
-// log-sum-exp. The cache is never expanded: only one block's logits live in a
-// small buffer.
+// Work items are (sequence, split of it, range of KV heads); each K/V vector
+// is dequantized once into registers and used by all query heads of its KV
+// group. Splits are merged exactly by log-sum-exp. The cache is never
+// expanded: only one block's logits live in a small buffer.
 #include <math.h>
 #include <string.h>
 
