@@ -12,8 +12,6 @@
 
 namespace kvcomp {
 
-constexpr int kMaxRow = 512;  // head_dim limit (kMaxHeadDim)
-
 // Calls body with a constexpr `K` equal to the runtime kind.
 #define KVC_DISPATCH_KIND(kind, ...)                                           \
   [&] {                                                                        \
@@ -94,7 +92,7 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x, int hd
     }
   } else if constexpr (is_grouped(K)) {  // per-channel kinds: see encode_block_k
     const int g = s.fmt.group, groups = hd / g;
-    uint8_t codes[kMaxRow];
+    uint8_t codes[kMaxHeadDim];
     for (int gi = 0; gi < groups; ++gi) {
       const float* xg = x + gi * g;
       float lo = xg[0], hi = xg[0];

@@ -98,9 +98,8 @@ inline vf8 codes8(const uint8_t* row, int sub) {
     // Sub-byte: chunk = sub / 4; int4 runs: bytes (sub%2)*8.., shift 4*((sub/2)%2);
     // int2 runs: bytes 0..7 of the chunk, shift 2*(sub%4).
     constexpr int b = kind_bits(K);
-    // Bit ops so callers that unroll by four get constant shifts.
-    const uint8_t* chunk = row + (unsigned)(sub >> 2) * (4 * b);
-    int j = sub & 3;
+    const uint8_t* chunk = row + (sub / 4) * (4 * b);
+    int j = sub % 4;
     const uint8_t* src = b == 4 ? chunk + (j % 2) * 8 : chunk;
     int shift = b == 4 ? 4 * (j / 2) : 2 * j;
     __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)src));

@@ -18,6 +18,7 @@ namespace kvcomp {
 constexpr int kLayoutVersion = 1;
 constexpr int kChunk = 32;   // sub-byte codes are packed in chunks of 32 channels
 constexpr int kAlign = 16;   // every region of a tile starts on 16 bytes
+constexpr int kMaxHeadDim = 512;
 
 enum class Kind : uint8_t {
   FP16, BF16, FP8_E4M3, FP8_E5M2, INT8, INT4, INT2, INT8C, INT4C, INT2C
@@ -134,12 +135,14 @@ KVC_HD QParams asymmetric_params(Kind k, float lo, float hi) {
   return QParams{hi / levels - lo / levels, lo};
 }
 
-// Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
-// Asymmetric code of x when x - zero is finite (always so when the range
-// hi - lo is): clamp(rint((x - zero) / scale), 0, max_code).
-KVC_HD uint32_t asym_code(Kind k, float x, QParams p) {
-  float y = p.scale > 0.0f ? (x - p.zero) / p.scale : 0.0f;
+// Asymmetric code from y = (x - zero) / scale: clamp(rint(y), 0, max_code).
+KVC_HD uint32_t asym_round(Kind k, float y) {
   return (uint32_t)rintf(min_f(max_f(y, 0.0f), (float)max_code(k)));
+}
+// Asymmetric code of x when x - zero is finite (always so when the range
+// hi - lo is).
+KVC_HD uint32_t asym_code(Kind k, float x, QParams p) {
+  return asym_round(k, p.scale > 0.0f ? (x - p.zero) / p.scale : 0.0f);
 }
 // int8 code of x: clamp(rint(x / scale), -127, 127) as a byte.
 KVC_HD uint32_t int8_code(float x, QParams p) {
@@ -147,6 +150,7 @@ KVC_HD uint32_t int8_code(float x, QParams p) {
   return (uint32_t)(uint8_t)(int8_t)rintf(min_f(max_f(y, -127.0f), 127.0f));
 }
 
+// Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
 KVC_HD uint32_t encode(Kind k, float x, QParams p) {
   if (is_raw(k)) return k == Kind::FP16 ? float_to_half(x) : float_to_bf16(x);
   if (k == Kind::INT8) return int8_code(x, p);
@@ -159,8 +163,7 @@ KVC_HD uint32_t encode(Kind k, float x, QParams p) {
   }
   if (isfinite(x - p.zero)) return asym_code(k, x, p);
   // A range near FLT_MAX: divide before subtracting.
-  float y = p.scale > 0.0f ? x / p.scale - p.zero / p.scale : 0.0f;
-  return (uint32_t)rintf(min_f(max_f(y, 0.0f), (float)max_code(k)));
+  return asym_round(k, p.scale > 0.0f ? x / p.scale - p.zero / p.scale : 0.0f);
 }
 // Code as a float before scaling (what the attention loops multiply by the scale).
 KVC_HD float code_value(Kind k, uint32_t c) {

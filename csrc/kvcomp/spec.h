@@ -19,7 +19,6 @@ struct FormatSpec {
 };
 
 constexpr int kBlockSizes[] = {16, 32, 64, 128};
-constexpr int kMaxHeadDim = 512;
 
 // Parses a spec (aliases kivi2, kivi4, fp8 included); cached, thread-safe.
 const FormatSpec& parse_spec(const std::string& spec);
