@@ -15,17 +15,17 @@ from reference import BLOCK_SIZES, U32, parse_format
 
 # Per-token formats (quantize_write and seal_blocks both write them).
 TOKEN_FORMATS = [
-    "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8",
+    "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8",
     "int4", "int4:g64", "int4:g128", "int2", "int2:g64", "int2:g128",
     "fp8_e4m3/int4", "int8/int2:g64", "fp16/int8", "int4:g64/fp8_e5m2", "bf16/int2",
 ]
 # Formats with a per-channel side (written by seal_blocks only).
 CHANNEL_FORMATS = [
     "int8c", "int4c", "int2c", "int4c/int4", "kivi2", "kivi4", "int8c/int8",
-    "int2c/fp16", "fp8_e5m2/int4c",
+    "int2c/fp16", "fp8_e5m2/int4c", "fp32/int4c",
 ]
 ALL_FORMATS = TOKEN_FORMATS + CHANNEL_FORMATS
-HOT_FORMATS = ["fp16", "bf16"]
+HOT_FORMATS = ["fp32", "fp16", "bf16"]
 ATTN_HEAD_DIMS = (64, 128, 256)
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

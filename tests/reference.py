@@ -26,7 +26,7 @@ MAX_HEAD_DIM = 512
 U32 = 2.0 ** -24  # unit roundoff of fp32 (half an ulp at 1.0)
 
 _KIND_BITS = {
-    "fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8,
+    "fp32": 32, "fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8,
     "int4": 4, "int2": 2, "int8c": 8, "int4c": 4, "int2c": 2,
 }
 _ALIASES = {"kivi2": "int2c/int2", "kivi4": "int4c/int4"}
@@ -48,7 +48,12 @@ class RefSide:
 
     @property
     def raw(self) -> bool:
-        return self.kind in ("fp16", "bf16")
+        return self.kind in ("fp32", "fp16", "bf16")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype holding a raw kind's values exactly."""
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.kind]
 
     @property
     def fp8(self) -> bool:
@@ -272,6 +277,8 @@ def quantize_rows(side: RefSide, x: torch.Tensor):
     assert not side.per_channel
     x = _f32(x)
     hd = x.shape[-1]
+    if side.kind == "fp32":
+        return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF, x.new_zeros(x.shape[:-1] + (0,))
     if side.raw:
         dt = torch.float16 if side.kind == "fp16" else torch.bfloat16
         codes = x.to(dt).view(torch.int16).to(torch.int64) & 0xFFFF
@@ -315,6 +322,10 @@ def quantize_block_per_channel(side: RefSide, x: torch.Tensor):
 
 def code_values(side: RefSide, codes: torch.Tensor) -> torch.Tensor:
     """A code as a float64 number before scaling."""
+    if side.kind == "fp32":
+        c = codes & 0xFFFFFFFF
+        c = torch.where(c >= 2**31, c - 2**32, c)
+        return c.to(torch.int32).view(torch.float32).to(torch.float64)
     if side.kind == "fp16":
         return _u16_to(codes, torch.float16)
     if side.kind == "bf16":
@@ -359,9 +370,9 @@ def dequantize_block_per_channel(side: RefSide, codes: torch.Tensor, meta: torch
 def pack_codes(side: RefSide, codes: torch.Tensor) -> torch.Tensor:
     """codes [..., hd] -> uint8 [..., row_bytes] (docs: 'Packing of sub-byte codes')."""
     b, hd = side.bits, codes.shape[-1]
-    if b == 16:
-        lo, hi = codes & 0xFF, (codes >> 8) & 0xFF
-        return torch.stack([lo, hi], dim=-1).reshape(codes.shape[:-1] + (2 * hd,)).to(torch.uint8)
+    if b >= 16:  # little-endian bytes
+        parts = [(codes >> (8 * i)) & 0xFF for i in range(b // 8)]
+        return torch.stack(parts, dim=-1).reshape(codes.shape[:-1] + (b // 8 * hd,)).to(torch.uint8)
     if b == 8:
         return (codes & 0xFF).to(torch.uint8)
     cb = 4 * b  # bytes a chunk of 32 channels
@@ -376,9 +387,9 @@ def unpack_codes(side: RefSide, rows: torch.Tensor, head_dim: int) -> torch.Tens
     """uint8 [..., row_bytes] -> codes int64 [..., hd]."""
     b = side.bits
     r = rows.to(torch.int64)
-    if b == 16:
-        r = r.reshape(r.shape[:-1] + (head_dim, 2))
-        return r[..., 0] | (r[..., 1] << 8)
+    if b >= 16:
+        r = r.reshape(r.shape[:-1] + (head_dim, b // 8))
+        return sum(r[..., i] << (8 * i) for i in range(b // 8))
     if b == 8:
         return r
     cb = 4 * b

@@ -51,7 +51,7 @@ def test_parse_aliases_sides():
 
 
 @pytest.mark.parametrize("spec", [
-    "int3", "fp32", "", "int8c:g64", "int4:g16", "int4:g48", "int8/int4/int2", "/int8",
+    "int3", "fp64", "", "int8c:g64", "int4:g16", "int4:g48", "int8/int4/int2", "/int8",
     "int8/", "kivi3", "INT9", "fp8_e3m4", "int4:", "int4:64",
 ])
 def test_parse_unknown_raises(spec):

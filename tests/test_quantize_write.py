@@ -75,7 +75,7 @@ def test_quantize_write_roundtrip(c):
         x = X[w].to(torch.float32).double()  # [n, hkv, hd] as the kernel sees it
         xh = T[s // bs, :, s % bs]  # [n, hkv, hd]
         if side.raw:
-            dt = torch.float16 if side.kind == "fp16" else torch.bfloat16
+            dt = side.torch_dtype
             assert torch.equal(xh, x.to(dt).double()), f"{name}: {side.kind} is not exact rounding"
         else:
             assert_bounded(xh, x, token_error_bound(side, x), f"{fmt} {name}")

@@ -16,6 +16,7 @@ namespace kvcomp {
 #define KVC_DISPATCH_KIND(kind, ...)                                           \
   [&] {                                                                        \
     switch (kind) {                                                            \
+      case Kind::FP32: { constexpr Kind K = Kind::FP32; return __VA_ARGS__(); }         \
       case Kind::FP16: { constexpr Kind K = Kind::FP16; return __VA_ARGS__(); }         \
       case Kind::BF16: { constexpr Kind K = Kind::BF16; return __VA_ARGS__(); }         \
       case Kind::FP8_E4M3: { constexpr Kind K = Kind::FP8_E4M3; return __VA_ARGS__(); } \

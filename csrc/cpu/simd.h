@@ -75,7 +75,9 @@ inline vf8 exp8(vf8 a) {
 // kCodeScale below folds the 256 back into the scale.
 template <Kind K>
 inline vf8 codes8(const uint8_t* row, int sub) {
-  if constexpr (K == Kind::FP16) {
+  if constexpr (K == Kind::FP32) {
+    return {_mm256_loadu_ps((const float*)row + 8 * sub)};
+  } else if constexpr (K == Kind::FP16) {
     return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + 16 * sub)))};
   } else if constexpr (K == Kind::BF16) {
     __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(row + 16 * sub)));

@@ -21,7 +21,7 @@ constexpr int kAlign = 16;   // every region of a tile starts on 16 bytes
 constexpr int kMaxHeadDim = 512;
 
 enum class Kind : uint8_t {
-  FP16, BF16, FP8_E4M3, FP8_E5M2, INT8, INT4, INT2, INT8C, INT4C, INT2C
+  FP16, BF16, FP8_E4M3, FP8_E5M2, INT8, INT4, INT2, INT8C, INT4C, INT2C, FP32
 };
 
 // One side (K or V) of a format spec.
@@ -32,13 +32,17 @@ struct ElemFormat {
 
 KVC_HD constexpr int kind_bits(Kind k) {
   switch (k) {
+    case Kind::FP32: return 32;
     case Kind::FP16: case Kind::BF16: return 16;
     case Kind::INT4: case Kind::INT4C: return 4;
     case Kind::INT2: case Kind::INT2C: return 2;
     default: return 8;
   }
 }
-KVC_HD constexpr bool is_raw(Kind k) { return k == Kind::FP16 || k == Kind::BF16; }
+// Stored as is: the hot tier's formats (fp32 keeps fp32 models lossless).
+KVC_HD constexpr bool is_raw(Kind k) {
+  return k == Kind::FP16 || k == Kind::BF16 || k == Kind::FP32;
+}
 KVC_HD constexpr bool is_fp8(Kind k) { return k == Kind::FP8_E4M3 || k == Kind::FP8_E5M2; }
 KVC_HD constexpr bool is_per_channel(Kind k) {
   return k == Kind::INT8C || k == Kind::INT4C || k == Kind::INT2C;
@@ -152,6 +156,7 @@ KVC_HD uint32_t int8_code(float x, QParams p) {
 
 // Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
 KVC_HD uint32_t encode(Kind k, float x, QParams p) {
+  if (k == Kind::FP32) return f2u(x);
   if (is_raw(k)) return k == Kind::FP16 ? float_to_half(x) : float_to_bf16(x);
   if (k == Kind::INT8) return int8_code(x, p);
   if (is_fp8(k)) {
@@ -170,6 +175,7 @@ KVC_HD float code_value(Kind k, uint32_t c) {
   switch (k) {
     case Kind::FP16: return half_to_float((uint16_t)c);
     case Kind::BF16: return bf16_to_float((uint16_t)c);
+    case Kind::FP32: return u2f(c);
     case Kind::FP8_E4M3: return decode_e4m3((uint8_t)c);
     case Kind::FP8_E5M2: return decode_e5m2((uint8_t)c);
     case Kind::INT8: return (float)(int8_t)(uint8_t)c;
@@ -202,6 +208,11 @@ KVC_HD PackPos pack_pos(Kind k, int c) {
 KVC_HD uint32_t load_code(Kind k, const uint8_t* row, int c) {
   PackPos p = pack_pos(k, c);
   int b = kind_bits(k);
+  if (b == 32) {
+    uint32_t u;
+    memcpy(&u, row + p.byte, 4);
+    return u;
+  }
   if (b == 16) return (uint32_t)row[p.byte] | ((uint32_t)row[p.byte + 1] << 8);
   return ((uint32_t)row[p.byte] >> p.shift) & (uint32_t)max_code(k);
 }
@@ -209,7 +220,9 @@ KVC_HD uint32_t load_code(Kind k, const uint8_t* row, int c) {
 KVC_HD void store_code(Kind k, uint8_t* row, int c, uint32_t code) {
   PackPos p = pack_pos(k, c);
   int b = kind_bits(k);
-  if (b == 16) {
+  if (b == 32) {
+    memcpy(row + p.byte, &code, 4);
+  } else if (b == 16) {
     row[p.byte] = (uint8_t)code;
     row[p.byte + 1] = (uint8_t)(code >> 8);
   } else if (b == 8) {
@@ -233,7 +246,7 @@ KVC_HD void pack_chunk(Kind k, const uint8_t* codes, uint8_t* out) {
 KVC_HD int align_up(int x, int a) { return (x + a - 1) / a * a; }
 
 // One side's region of a tile: packed codes for block_size tokens, then scales.
-//  fp16/bf16:        data only
+//  fp32/fp16/bf16:   data only
 //  fp8_*/int8:       float scale[block_size]
 //  int4/int2 (:gG):  float {scale, zero}[block_size][head_dim / G]
 //  int8c/int4c/int2c float scale[head_dim], then float zero[head_dim]

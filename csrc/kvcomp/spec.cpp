@@ -17,7 +17,7 @@ constexpr KindName kKinds[] = {
     {"fp16", Kind::FP16},       {"bf16", Kind::BF16},       {"fp8_e4m3", Kind::FP8_E4M3},
     {"fp8_e5m2", Kind::FP8_E5M2}, {"int8", Kind::INT8},     {"int4", Kind::INT4},
     {"int2", Kind::INT2},       {"int8c", Kind::INT8C},     {"int4c", Kind::INT4C},
-    {"int2c", Kind::INT2C},
+    {"int2c", Kind::INT2C},     {"fp32", Kind::FP32},
 };
 constexpr int kDefaultGroup = 32;
 
