@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 RUN    := PYTHONPATH=$(CURDIR)/python $(PY)
 
-.PHONY: all build test test-fast bench wheel cuda-check clean
+.PHONY: all build test test-fast bench wheel cuda-check cuda-objs clean
 
 all: test
 
@@ -22,12 +22,35 @@ $(VENV)/.deps: pyproject.toml Makefile
 build: $(VENV)/.deps
 	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build cuda-check
 	$(RUN) -m pytest -q tests
 
 bench: build
 	$(RUN) -m kvcomp.bench.cli memory --model llama-3-8b
 	$(RUN) -m kvcomp.bench.cli ops --device cpu --json bench/out/ops-cpu.json
+
+# Compiles every CUDA kernel for sm_80 and sm_90a (no GPU or CUDA torch
+# needed), so a broken kernel fails `make test`. KVCOMP_SKIP_CUDA_CHECK=1
+# skips it where no CUDA toolkit is installed.
+NVCC       ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+NVCC_FLAGS := -std=c++17 --expt-relaxed-constexpr -O3 -I csrc -Xptxas -warn-spills \
+              -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+CUDA_OBJS  := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(wildcard csrc/cuda/*.cu))
+
+cuda-check:
+ifeq ($(KVCOMP_SKIP_CUDA_CHECK),1)
+	@echo "cuda-check: skipped (KVCOMP_SKIP_CUDA_CHECK=1)"
+else
+	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found; install the CUDA toolkit," \
+	  "set NVCC=/path/to/nvcc, or skip with KVCOMP_SKIP_CUDA_CHECK=1" >&2; exit 1; }
+	@$(MAKE) --no-print-directory -j$(JOBS) cuda-objs
+endif
+
+cuda-objs: $(CUDA_OBJS)
+
+build/cuda-check/%.o: csrc/cuda/%.cu $(wildcard csrc/cuda/*.h csrc/cuda/*.cuh csrc/kvcomp/*.h)
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
 
 # A wheel against the venv's torch (the way users install kvcomp).
 wheel: $(VENV)/.deps

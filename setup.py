@@ -30,11 +30,22 @@ def cpu_flags():
     return flags
 
 
+def with_cuda():
+    import torch
+    return bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+
+
 def extension():
     srcs = sources("csrc/*.cpp") + sources("csrc/kvcomp/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/ops/*.cpp")
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cpu_flags()},
-                  extra_link_args=["-fopenmp"])
-    return cpp_extension.CppExtension("kvcomp._C", srcs, **kwargs)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    if not with_cuda():
+        return cpp_extension.CppExtension("kvcomp._C", srcs, extra_compile_args={"cxx": cpu_flags()}, **kwargs)
+    # No --use_fast_math: the kernels must round exactly like the CPU ones.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda_bind/*.cpp")
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DKVCOMP_WITH_CUDA"]
+    return cpp_extension.CUDAExtension("kvcomp._C", srcs, extra_compile_args={
+        "cxx": cpu_flags() + ["-DKVCOMP_WITH_CUDA"], "nvcc": nvcc}, **kwargs)
 
 
 setup(

@@ -91,6 +91,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::make_pair(g.head_dim, g.block_size);
   }, pybind11::arg("spec"), pybind11::arg("tile_bytes"), pybind11::arg("head_dim") = 0);
   m.def("tile_layout", &layout, "Byte offsets of a tile's regions");
+  m.def("set_cuda_validation", &kvcomp::set_cuda_validation, pybind11::arg("enabled"),
+        "Turns the host-side data checks of the CUDA ops on or off (see ops/common.h)");
+  m.def("cuda_validation", &kvcomp::cuda_validation, "Whether the CUDA ops check data on the host");
+  m.def("with_cuda", [] {
+#ifdef KVCOMP_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were built");
   m.def("cpu_isa", [] {
 #ifdef KVCOMP_AVX2
     return "avx2";

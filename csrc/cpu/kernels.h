@@ -5,38 +5,14 @@
 #include <stdint.h>
 
 #include <functional>
-#include <stdexcept>
 
-#include "kvcomp/format.h"
+#include "kvcomp/args.h"
 
 namespace kvcomp {
-
-struct ArgError : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-
-enum class DType : uint8_t { F32, F16, BF16 };
 
 // at::parallel_for, supplied by the binding so kernels stay torch-free.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 int num_threads();
-
-struct Pool {
-  uint8_t* data;  // [num_blocks, num_heads, tile_bytes], contiguous
-  int64_t num_blocks;
-  int num_heads;
-  int64_t tile_bytes;
-  TileLayout layout;
-  uint8_t* tile(int64_t block, int head) const {
-    return data + (block * num_heads + head) * tile_bytes;
-  }
-};
-
-struct BlockTables {
-  const int32_t* ids;  // [batch, max_blocks], contiguous
-  int64_t batch;
-  int64_t max_blocks;
-};
 
 // seq_lens within [0, max_blocks * block_size]; the ids of used blocks in range.
 void check_paged(const Pool& pool, const BlockTables& bt, const int32_t* seq_lens);
@@ -47,18 +23,6 @@ void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t
 void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, const int32_t* dst,
                      int64_t n);
 
-struct DecodeArgs {
-  const float* query;  // [batch, num_heads, head_dim]
-  int num_heads;
-  float scale;
-  const Pool* pool;
-  BlockTables bt;
-  const int32_t* seq_lens;
-  float* out;        // [batch, num_heads, head_dim]
-  float* lse;        // [batch, num_heads]
-  float* logits;     // [batch, num_heads, logits_len] or null
-  int64_t logits_len;
-};
 void paged_decode_attention_cpu(const DecodeArgs& a);
 
 void merge_attention_states_cpu(const float* out_a, const float* lse_a, const float* out_b,

@@ -1,10 +1,12 @@
-#include "ops/common.h"
+#include <algorithm>
+
 #include "ops/ops.h"
+#include "ops/prepare.h"
 
-namespace kvcomp::op {
+namespace kvcomp {
 
-void accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
-                       const at::Tensor& seq_lens, at::Tensor& scores) {
+ScoresArgs prepare_accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
+                                     const at::Tensor& seq_lens, at::Tensor& scores) {
   check_dtype(logits, "logits", {at::kFloat});
   check_dim(logits, "logits", 3, "[batch, num_heads, L]");
   check_dtype(lse, "lse", {at::kFloat});
@@ -23,12 +25,22 @@ void accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
   TORCH_CHECK_VALUE(scores.size(1) > 0 && logits.size(1) % scores.size(1) == 0, "logits has ",
                     logits.size(1), " query heads, not a multiple of scores' ", scores.size(1),
                     " KV heads");
-  at::Tensor lg = logits.contiguous(), ls = lse.contiguous(), sl = seq_lens.contiguous();
+  return {logits.contiguous(), lse.contiguous(), seq_lens.contiguous()};
+}
+
+namespace op {
+
+void accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
+                       const at::Tensor& seq_lens, at::Tensor& scores) {
+  ScoresArgs a = prepare_accumulate_scores(logits, lse, seq_lens, scores);
+  validate_seq_lens(a.seq_lens, std::min(logits.size(2), scores.size(2)),
+                    "the length of logits and scores");
   guarded([&] {
-    accumulate_scores_cpu(lg.data_ptr<float>(), lg.size(2), ls.data_ptr<float>(),
-                          sl.data_ptr<int32_t>(), lg.size(0), lg.size(1),
+    accumulate_scores_cpu(a.logits.data_ptr<float>(), logits.size(2), a.lse.data_ptr<float>(),
+                          a.seq_lens.data_ptr<int32_t>(), logits.size(0), logits.size(1),
                           scores.data_ptr<float>(), scores.size(1), scores.size(2));
   });
 }
 
-}  // namespace kvcomp::op
+}  // namespace op
+}  // namespace kvcomp

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <sstream>
 
 namespace kvcomp {
@@ -80,6 +81,12 @@ void seq_lens_arg(const at::Tensor& seq_lens, int64_t batch, const at::Tensor& p
   check_dim(seq_lens, "seq_lens", 1, "[batch]");
   check_size(seq_lens, "seq_lens", 0, batch, "the batch of block_tables");
 }
+
+namespace {
+std::atomic<bool> g_cuda_validation{true};
+}
+bool cuda_validation() { return g_cuda_validation.load(std::memory_order_relaxed); }
+void set_cuda_validation(bool enabled) { g_cuda_validation.store(enabled, std::memory_order_relaxed); }
 
 DType dtype_of(at::ScalarType t) {
   return t == at::kFloat ? DType::F32 : t == at::kHalf ? DType::F16 : DType::BF16;

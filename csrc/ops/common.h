@@ -42,4 +42,15 @@ void seq_lens_arg(const at::Tensor& seq_lens, int64_t batch, const at::Tensor& p
 
 DType dtype_of(at::ScalarType t);
 
+// CUDA validation. The CUDA bindings run the data-dependent checks of the CPU
+// path (ids and lengths in range, keep positions, NaN/Inf in data to be
+// stored) with the same messages; that reads data on the host, a sync per
+// call. They run while this switch is on (the default) and the current stream
+// is not capturing a CUDA graph. Without them a bad id or length is not
+// reported, but every kernel stays bounds-safe: an out-of-range slot, block id
+// or position is skipped, never read or written (outputs it would have fed
+// are zero), and NaN/Inf may be stored.
+bool cuda_validation();
+void set_cuda_validation(bool enabled);
+
 }  // namespace kvcomp

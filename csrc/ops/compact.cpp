@@ -1,10 +1,10 @@
-#include "ops/common.h"
 #include "ops/ops.h"
+#include "ops/prepare.h"
 
-namespace kvcomp::op {
+namespace kvcomp {
 
-void compact(at::Tensor& pool, const at::Tensor& block_tables, const at::Tensor& keep,
-             const std::string& format) {
+CompactArgs prepare_compact(at::Tensor& pool, const at::Tensor& block_tables,
+                            const at::Tensor& keep, const std::string& format) {
   const FormatSpec& f = spec_arg(format);
   Pool p = pool_arg(pool, "pool", f);
   BlockTables bt = block_tables_arg(block_tables, pool);
@@ -13,9 +13,19 @@ void compact(at::Tensor& pool, const at::Tensor& block_tables, const at::Tensor&
   check_dim(keep, "keep", 3, "[batch, num_kv_heads, k]");
   check_size(keep, "keep", 0, bt.batch, "batch of block_tables");
   check_size(keep, "keep", 1, p.num_heads, "num_kv_heads of pool");
-  at::Tensor bt_c = block_tables.contiguous(), kp = keep.contiguous();
+  at::Tensor bt_c = block_tables.contiguous();
   bt.ids = bt_c.data_ptr<int32_t>();
-  guarded([&] { compact_cpu(p, bt, kp.data_ptr<int32_t>(), kp.size(2)); });
+  return {p, bt, bt_c, keep.contiguous()};
 }
 
-}  // namespace kvcomp::op
+namespace op {
+
+void compact(at::Tensor& pool, const at::Tensor& block_tables, const at::Tensor& keep,
+             const std::string& format) {
+  CompactArgs a = prepare_compact(pool, block_tables, keep, format);
+  validate_keep(a.pool, a.bt, a.block_tables, a.keep);
+  guarded([&] { compact_cpu(a.pool, a.bt, a.keep.data_ptr<int32_t>(), a.keep.size(2)); });
+}
+
+}  // namespace op
+}  // namespace kvcomp

@@ -1,12 +1,10 @@
-#include "ops/common.h"
 #include "ops/ops.h"
+#include "ops/prepare.h"
 
-namespace kvcomp::op {
+namespace kvcomp {
 
-std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a,
-                                                          const at::Tensor& lse_a,
-                                                          const at::Tensor& out_b,
-                                                          const at::Tensor& lse_b) {
+MergeArgs prepare_merge_attention_states(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                         const at::Tensor& out_b, const at::Tensor& lse_b) {
   check_float_activation(out_a, "out_a");
   TORCH_CHECK_VALUE(out_a.dim() >= 1, "out_a must have a head_dim dimension");
   TORCH_CHECK_VALUE(out_b.sizes() == out_a.sizes(), "out_b has shape ", out_b.sizes(),
@@ -21,14 +19,25 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_
   }
   for (auto [t, name] : {std::pair{&lse_a, "lse_a"}, {&out_b, "out_b"}, {&lse_b, "lse_b"}})
     check_same_device(*t, name, out_a, "out_a");
-  at::Tensor a = out_a.to(at::kFloat).contiguous(), b = out_b.to(at::kFloat).contiguous();
-  at::Tensor la = lse_a.contiguous(), lb = lse_b.contiguous();
-  at::Tensor out = at::empty_like(a), lse = at::empty_like(la);
-  const int64_t hd = out_a.size(-1), rows = hd ? a.numel() / hd : la.numel();
-  merge_attention_states_cpu(a.data_ptr<float>(), la.data_ptr<float>(), b.data_ptr<float>(),
-                             lb.data_ptr<float>(), rows, hd, out.data_ptr<float>(),
+  const int64_t hd = out_a.size(-1);
+  return {out_a.contiguous(), lse_a.contiguous(), out_b.contiguous(), lse_b.contiguous(),
+          lse_a.numel(), hd};
+}
+
+namespace op {
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a,
+                                                          const at::Tensor& lse_a,
+                                                          const at::Tensor& out_b,
+                                                          const at::Tensor& lse_b) {
+  MergeArgs m = prepare_merge_attention_states(out_a, lse_a, out_b, lse_b);
+  at::Tensor a = m.a.to(at::kFloat).contiguous(), b = m.b.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(a), lse = at::empty_like(m.lse_a);
+  merge_attention_states_cpu(a.data_ptr<float>(), m.lse_a.data_ptr<float>(), b.data_ptr<float>(),
+                             m.lse_b.data_ptr<float>(), m.rows, m.head_dim, out.data_ptr<float>(),
                              lse.data_ptr<float>());
   return {out.to(out_a.scalar_type()), lse};
 }
 
-}  // namespace kvcomp::op
+}  // namespace op
+}  // namespace kvcomp

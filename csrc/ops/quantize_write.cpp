@@ -1,10 +1,11 @@
-#include "ops/common.h"
 #include "ops/ops.h"
+#include "ops/prepare.h"
 
-namespace kvcomp::op {
+namespace kvcomp {
 
-void quantize_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
-                    const at::Tensor& slot_mapping, const std::string& format) {
+QuantizeWriteArgs prepare_quantize_write(const at::Tensor& key, const at::Tensor& value,
+                                         at::Tensor& pool, const at::Tensor& slot_mapping,
+                                         const std::string& format) {
   const FormatSpec& f = spec_arg(format);
   TORCH_CHECK_VALUE(!f.per_channel(), "format '", f.name,
                     "' is per-channel: its blocks are quantized whole by seal_blocks, "
@@ -23,11 +24,21 @@ void quantize_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   check_size(slot_mapping, "slot_mapping", 0, key.size(0), "num_tokens of key");
   Pool p = pool_arg(pool, "pool", f, (int)key.size(2));
   check_size(key, "key", 1, p.num_heads, "num_kv_heads of pool");
-  at::Tensor k = key.contiguous(), v = value.contiguous(), s = slot_mapping.contiguous();
+  return {p, key.contiguous(), value.contiguous(), slot_mapping.contiguous(),
+          dtype_of(key.scalar_type())};
+}
+
+namespace op {
+
+void quantize_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
+                    const at::Tensor& slot_mapping, const std::string& format) {
+  QuantizeWriteArgs a = prepare_quantize_write(key, value, pool, slot_mapping, format);
+  validate_slots(a.slots, a.pool.num_blocks * a.pool.layout.block_size);
   guarded([&] {
-    quantize_write_cpu(k.data_ptr(), v.data_ptr(), dtype_of(k.scalar_type()), k.size(0),
-                       s.data_ptr<int64_t>(), p);
+    quantize_write_cpu(a.key.data_ptr(), a.value.data_ptr(), a.dtype, a.key.size(0),
+                       a.slots.data_ptr<int64_t>(), a.pool);
   });
 }
 
-}  // namespace kvcomp::op
+}  // namespace op
+}  // namespace kvcomp

@@ -1,11 +1,11 @@
-#include "ops/common.h"
 #include "ops/ops.h"
+#include "ops/prepare.h"
 
-namespace kvcomp::op {
+namespace kvcomp {
 
-void seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks, at::Tensor& cold_pool,
-                 const at::Tensor& dst_blocks, const std::string& hot_format,
-                 const std::string& cold_format) {
+SealArgs prepare_seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks,
+                             at::Tensor& cold_pool, const at::Tensor& dst_blocks,
+                             const std::string& hot_format, const std::string& cold_format) {
   const FormatSpec& hf = spec_arg(hot_format, "hot_format");
   const FormatSpec& cf = spec_arg(cold_format, "cold_format");
   TORCH_CHECK_VALUE(!hf.per_channel(), "hot_format '", hf.name,
@@ -28,10 +28,23 @@ void seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks, at::T
     check_dim(*t, name, 1, "[num_blocks_to_seal]");
   }
   check_size(dst_blocks, "dst_blocks", 0, src_blocks.size(0), "the length of src_blocks");
-  at::Tensor s = src_blocks.contiguous(), d = dst_blocks.contiguous();
+  return {hot, cold, src_blocks.contiguous(), dst_blocks.contiguous()};
+}
+
+namespace op {
+
+void seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks, at::Tensor& cold_pool,
+                 const at::Tensor& dst_blocks, const std::string& hot_format,
+                 const std::string& cold_format) {
+  SealArgs a = prepare_seal_blocks(hot_pool, src_blocks, cold_pool, dst_blocks, hot_format,
+                                   cold_format);
+  validate_block_ids(a.src, a.hot.num_blocks, "src_blocks");
+  validate_block_ids(a.dst, a.cold.num_blocks, "dst_blocks");
   guarded([&] {
-    seal_blocks_cpu(hot, s.data_ptr<int32_t>(), cold, d.data_ptr<int32_t>(), s.size(0));
+    seal_blocks_cpu(a.hot, a.src.data_ptr<int32_t>(), a.cold, a.dst.data_ptr<int32_t>(),
+                    a.src.size(0));
   });
 }
 
-}  // namespace kvcomp::op
+}  // namespace op
+}  // namespace kvcomp

@@ -65,6 +65,17 @@ def gather_dequant(pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: tor
     return _ops.gather_dequant(pool, block_tables, seq_lens, str(format), dtype)
 
 
+def set_cuda_validation(enabled: bool) -> bool:
+    """Turn the CUDA ops' data checks on or off; returns the previous setting.
+
+    On (the default), CUDA ops check ids, lengths and NaN/Inf like the CPU ops,
+    reading data on the host (a sync per call; skipped while a CUDA graph is
+    being captured). Off, bad ids are skipped silently (never out of bounds)."""
+    previous = bool(_C.cuda_validation())
+    _C.set_cuda_validation(bool(enabled))
+    return previous
+
+
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("kvcomp::quantize_write")
 def _(key, value, pool, slot_mapping, format):
