@@ -1,15 +1,20 @@
 """kvcomp: KV-cache compression for LLM inference.
 
 Ops live in ``torch.ops.kvcomp`` (typed wrappers in :mod:`kvcomp.ops`);
-storage formats in :class:`KVFormat`.
+storage formats in :class:`KVFormat`; policies in :class:`Policy` and
+:mod:`kvcomp.policies`; the cache users drive in :class:`PagedKVCache`.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.kvcomp.*)
 from . import ops
 from .formats import KVFormat, allocate_pool
+from .policy import Policy
+from . import policies
+from .cache import CacheFullError, PagedKVCache
 
 __version__ = "0.1.0"
 LAYOUT_VERSION = _C.LAYOUT_VERSION
 
-__all__ = ["KVFormat", "allocate_pool", "ops", "LAYOUT_VERSION", "__version__"]
+__all__ = ["KVFormat", "allocate_pool", "ops", "Policy", "policies", "PagedKVCache", "CacheFullError",
+           "LAYOUT_VERSION", "__version__"]

@@ -1,0 +1,513 @@
+"""PagedKVCache: hot and cold paged pools per layer, a block allocator, and
+the per-sequence bookkeeping that turns a :class:`kvcomp.Policy` into op calls.
+
+Per layer and sequence the cache keeps two tiers (CONTRACT.md §1): the hot
+tier (newest tokens, raw fp16/bf16/fp32) and the cold tier (compressed). A
+tier is a list of blocks whose first ``len`` slots hold tokens; ``pos[h, i]``
+is the sequence position of slot i for KV head h (heads differ only after H2O
+eviction). Attention is order-free, so slots need not be in position order:
+the streaming ring overwrites its oldest slots in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from . import ops
+from .formats import KVFormat, allocate_pool
+from .policy import Policy
+
+
+class CacheFullError(RuntimeError):
+    """No free blocks for an append; the cache is left as it was."""
+
+    def __init__(self, tier: str, tokens_needed: int, tokens_free: int):
+        self.tier, self.tokens_needed, self.tokens_free = tier, tokens_needed, tokens_free
+        super().__init__(f"the {tier} pool is full: this append needs {tokens_needed} more token slots "
+                         f"but {tokens_free} are free (raise max_tokens/max_seqs, free or forget sequences)")
+
+
+class _Allocator:
+    """Free list of one pool's blocks. Freed blocks are zeroed at once, so no
+    byte of a freed sequence survives into another (wipe on free)."""
+
+    def __init__(self, pool: torch.Tensor):
+        self.pool = pool
+        self.free_ids = list(range(pool.shape[0] - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+
+    def take(self, n: int) -> list[int]:
+        assert n <= len(self.free_ids)
+        return [self.free_ids.pop() for _ in range(n)]
+
+    def give_back(self, ids: Sequence[int]) -> None:
+        if ids:
+            self.pool[torch.tensor(list(ids), dtype=torch.long, device=self.pool.device)] = 0
+            self.free_ids.extend(reversed(ids))
+
+    @property
+    def used(self) -> int:
+        return self.pool.shape[0] - len(self.free_ids)
+
+
+class _Tier:
+    """One tier of one sequence in one layer."""
+
+    def __init__(self, heads: int, scores_device: Optional[torch.device]):
+        self.blocks: list[int] = []
+        self.pos = torch.empty(heads, 0, dtype=torch.long)
+        self.scores = None if scores_device is None else torch.zeros(heads, 0, device=scores_device)
+
+    @property
+    def len(self) -> int:
+        return self.pos.shape[1]
+
+    def add(self, pos: torch.Tensor, scores: Optional[torch.Tensor] = None) -> None:
+        """Appends slots for positions pos [heads, n] (and their scores)."""
+        self.pos = torch.cat([self.pos, pos], 1)
+        if self.scores is not None:
+            extra = scores if scores is not None else torch.zeros(pos.shape, device=self.scores.device)
+            self.scores = torch.cat([self.scores, extra], 1)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keeps slots idx [heads, k] (what compact did to the pool)."""
+        self.pos = torch.gather(self.pos, 1, idx)
+        if self.scores is not None:
+            self.scores = torch.gather(self.scores, 1, idx.to(self.scores.device))
+
+
+class _Layer:
+    def __init__(self, heads: int, scores_device):
+        self.seen = 0  # tokens appended to this layer
+        self.hot = _Tier(heads, scores_device)
+        self.cold = _Tier(heads, scores_device)
+
+
+class PagedKVCache:
+    """The KV cache of many sequences, stored per ``policy`` (CONTRACT.md §4).
+
+    ``max_tokens`` sizes the cold pool of each layer (or the hot pool under
+    ``full()``); ``max_seqs`` sizes the hot pools of tiered policies (each
+    sequence holds at most ``hot_window`` rounded up to blocks, plus one).
+    ``dtype`` is the activations' dtype; the hot tier stores it exactly
+    (``fp32`` for float32) unless the policy names ``hot_format``.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, policy: Optional[Policy] = None,
+                 max_tokens: int = 65536, dtype: torch.dtype = torch.float16,
+                 device: "torch.device | str" = "cpu", *, max_seqs: int = 16):
+        from . import policies
+        self.policy = policy if policy is not None else policies.full()
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"policy must be a kvcomp.Policy, got {type(self.policy).__name__}")
+        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_tokens", max_tokens),
+                        ("max_seqs", max_seqs)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        p, bs = self.policy, self.policy.block_size
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.hot_format = p.resolved_hot_format(dtype)
+        self.cold_format = p.cold_format
+        KVFormat.parse(self.cold_format).tile_bytes(head_dim, bs)  # ValueError: head_dim unsupported
+        self._direct = p._direct()
+        self._has_hot = not self._direct
+        self._has_cold = p.hot_window is not None
+        self._hot_cap = (-(-p.hot_window // bs) + 1) * bs if self._has_cold else None
+        hot_blocks = -(-max_tokens // bs) if not self._has_cold else (0 if self._direct else
+                                                                       max_seqs * self._hot_cap // bs)
+        cold_blocks = -(-max_tokens // bs) if self._has_cold else 0
+        make = lambda n, fmt: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device)
+        self.hot_pools = [make(hot_blocks, self.hot_format) for _ in range(num_layers)]
+        self.cold_pools = [make(cold_blocks, self.cold_format) for _ in range(num_layers)]
+        self._hot_alloc = [_Allocator(t) for t in self.hot_pools]
+        self._cold_alloc = [_Allocator(t) for t in self.cold_pools]
+        self._scores_device = self.device if p.eviction == "h2o" else None
+        self._seqs: dict = {}
+
+    # ------------------------------------------------------------ sequences
+    def add_sequence(self, seq_id) -> None:
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already exists")
+        self._seqs[seq_id] = [_Layer(self.num_kv_heads, self._scores_device) for _ in range(self.num_layers)]
+
+    def has_sequence(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    @property
+    def sequences(self) -> list:
+        return list(self._seqs)
+
+    def seq_len(self, seq_id, layer: int = 0) -> int:
+        """Tokens appended to ``seq_id`` in ``layer`` (held or not)."""
+        return self._state(seq_id, layer).seen
+
+    def held(self, seq_id, layer: int = 0) -> int:
+        st = self._state(seq_id, layer)
+        return st.hot.len + st.cold.len
+
+    def positions(self, seq_id, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence positions held by the hot and cold tiers ([kv_heads, n] each)."""
+        st = self._state(seq_id, layer)
+        return st.hot.pos.clone(), st.cold.pos.clone()
+
+    def free(self, seq_id) -> None:
+        """Returns every block of ``seq_id`` (zeroed) and forgets the sequence."""
+        layers = self._seqs.pop(self._known(seq_id))
+        for l, st in enumerate(layers):
+            self._hot_alloc[l].give_back(st.hot.blocks)
+            self._cold_alloc[l].give_back(st.cold.blocks)
+
+    # --------------------------------------------------------------- append
+    def append(self, layer: int, seq_ids: Sequence, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Appends ``key``/``value`` [len(seq_ids), new_tokens, kv_heads, head_dim]
+        (post-RoPE) to each sequence's cache in ``layer``."""
+        states = self._states(layer, seq_ids)
+        n = key.shape[1] if isinstance(key, torch.Tensor) and key.dim() == 4 else -1
+        want = (len(states), n, self.num_kv_heads, self.head_dim)
+        for name, t in (("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                raise ValueError(f"{name} must be [len(seq_ids), new_tokens, {self.num_kv_heads}, "
+                                 f"{self.head_dim}], got {tuple(getattr(t, 'shape', ()))}")
+        if n == 0:
+            return
+        key, value = key.to(self.device), value.to(self.device)
+        self._reserve(layer, states, n)
+        if not self._has_cold:
+            self._write_hot(layer, states, key, value)
+        elif self._direct:
+            self._write_cold(layer, states, key, value, [self._fresh(st, n) for st in states])
+        else:
+            t = 0
+            while t < n:
+                m = min(n - t, self._hot_cap - max(st.hot.len for st in states))
+                self._write_hot(layer, states, key[:, t:t + m], value[:, t:t + m])
+                self._seal(layer, states)
+                t += m
+        if self.policy.eviction == "h2o":
+            for st in states:
+                budget = self.policy.cold_budget(st.seen)
+                if self.policy.evicts_at(st.seen) and st.cold.len > budget:
+                    self._evict(layer, st, budget)
+
+    def _fresh(self, st: _Layer, n: int) -> torch.Tensor:
+        """Positions [kv_heads, n] of the next n tokens of a sequence."""
+        pos = torch.arange(st.seen, st.seen + n).expand(self.num_kv_heads, n)
+        st.seen += n
+        return pos
+
+    def _reserve(self, layer: int, states, n: int) -> None:
+        """Raises CacheFullError, before any write, if the append cannot fit."""
+        p, bs = self.policy, self.policy.block_size
+        hot_need = cold_need = 0
+        for st in states:
+            if not self._has_cold:
+                hot_need += -(-(st.hot.len + n) // bs) - len(st.hot.blocks)
+                continue
+            total, sealed = st.hot.len + n, n
+            if not self._direct:
+                w = p.hot_window
+                sealed = 0 if total <= w else min(-(-(total - w) // bs), total // bs) * bs
+                hot_need += max(0, -(-min(total, self._hot_cap) // bs) - len(st.hot.blocks))
+            cold_len = st.cold.len + sealed
+            if p.eviction == "streaming":
+                cold_len = min(cold_len, self._ring_cap)
+            cold_need += max(0, -(-cold_len // bs) - len(st.cold.blocks))
+        for tier, need, alloc in (("hot", hot_need, self._hot_alloc[layer]),
+                                  ("cold", cold_need, self._cold_alloc[layer])):
+            if need > len(alloc.free_ids):
+                raise CacheFullError(tier, need * bs, len(alloc.free_ids) * bs)
+
+    @property
+    def _ring_cap(self) -> int:
+        p = self.policy
+        return p.sinks + p.window - p.hot_window
+
+    def _slots(self, blocks: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """Pool slots of tier slots (int64)."""
+        bs = self.policy.block_size
+        return torch.tensor(blocks, dtype=torch.long)[slots // bs] * bs + slots % bs
+
+    @staticmethod
+    def _grow(tier: _Tier, alloc: _Allocator, length: int, bs: int) -> None:
+        need = -(-length // bs) - len(tier.blocks)
+        if need > 0:
+            tier.blocks += alloc.take(need)
+
+    def _write(self, pool, fmt, key, value, slots: list[torch.Tensor]) -> None:
+        flat = lambda x: x.reshape(-1, self.num_kv_heads, self.head_dim)
+        ops.quantize_write(flat(key), flat(value), pool, torch.cat(slots).to(self.device), fmt)
+
+    def _write_hot(self, layer: int, states, key, value, pos: Optional[list] = None) -> None:
+        n, slots = key.shape[1], []
+        for i, st in enumerate(states):
+            self._grow(st.hot, self._hot_alloc[layer], st.hot.len + n, self.policy.block_size)
+            slots.append(self._slots(st.hot.blocks, torch.arange(st.hot.len, st.hot.len + n)))
+            st.hot.add(self._fresh(st, n) if pos is None else pos[i][0], None if pos is None else pos[i][1])
+        self._write(self.hot_pools[layer], self.hot_format, key, value, slots)
+
+    def _write_cold(self, layer: int, states, key, value, pos: list, scores: Optional[list] = None) -> None:
+        """Token-wise writes into the cold tier: appended, or (streaming) into
+        the ring's free slots and then over its oldest non-sink tokens."""
+        bs, slots = self.policy.block_size, []
+        for i, st in enumerate(states):
+            cold, n = st.cold, key.shape[1]
+            if self.policy.eviction != "streaming" or cold.len + n <= self._ring_cap:
+                self._grow(cold, self._cold_alloc[layer], cold.len + n, bs)
+                slots.append(self._slots(cold.blocks, torch.arange(cold.len, cold.len + n)))
+                cold.add(pos[i], None if scores is None else scores[i])
+                continue
+            slots.append(self._ring_slots(layer, cold, pos[i]))
+        self._write(self.cold_pools[layer], self.cold_format, key, value, slots)
+
+    def _ring_slots(self, layer: int, cold: _Tier, new_pos: torch.Tensor) -> torch.Tensor:
+        """Streaming: slots for new tokens (pool slot, or -1 when a newer token
+        of the same write takes its place). Keeps the sinks and the newest."""
+        cap, sinks, n = self._ring_cap, self.policy.sinks, new_pos.shape[1]
+        self._grow(cold, self._cold_alloc[layer], cap, self.policy.block_size)
+        old = cold.pos[0]
+        cand = torch.cat([old, new_pos[0]])
+        is_sink = cand < sinks
+        recent = torch.where(is_sink, torch.full_like(cand, -1), cand)
+        n_recent = cap - int(is_sink.sum())
+        keep = is_sink.clone()
+        keep[torch.topk(recent, n_recent).indices] = True
+        free_slots = torch.cat([torch.arange(cold.len, cap), torch.nonzero(~keep[:cold.len]).flatten()])
+        new_kept = torch.nonzero(keep[cold.len:]).flatten()
+        target = torch.full((n,), -1, dtype=torch.long)
+        target[new_kept] = free_slots[:len(new_kept)]
+        # Tier bookkeeping: the ring is full after this write.
+        full_pos = torch.empty(cap, dtype=torch.long)
+        full_pos[:cold.len] = old
+        full_pos[target[new_kept]] = new_pos[0][new_kept]
+        cold.pos = full_pos.expand(self.num_kv_heads, cap).clone()
+        slots = torch.full((n,), -1, dtype=torch.long)
+        slots[new_kept] = self._slots(cold.blocks, target[new_kept])
+        return slots
+
+    def _seal(self, layer: int, states) -> None:
+        """Moves each sequence's oldest full hot blocks to the cold tier while
+        the hot tier holds more than hot_window: one seal_blocks call (or, for
+        the streaming ring, dequantize + quantize_write)."""
+        p, bs = self.policy, self.policy.block_size
+        moves = []
+        for st in states:
+            m = 0
+            while st.hot.len - m * bs > p.hot_window and st.hot.len - m * bs >= bs:
+                m += 1
+            if m:
+                moves.append((st, m))
+        if not moves:
+            return
+        if p.eviction == "streaming":
+            for st, m in moves:
+                k, v = self._read_blocks(self.hot_pools[layer], self.hot_format, st.hot.blocks[:m])
+                pos = st.hot.pos[:, :m * bs]
+                self._drop_hot_front(layer, st, m)
+                self._write_cold(layer, [st], k[None], v[None], [pos])
+            return
+        src, dst = [], []
+        for st, m in moves:
+            new = self._cold_alloc[layer].take(m)
+            src += st.hot.blocks[:m]
+            dst += new
+            st.cold.blocks += new
+            st.cold.add(st.hot.pos[:, :m * bs], None if st.hot.scores is None else st.hot.scores[:, :m * bs])
+        as_ids = lambda ids: torch.tensor(ids, dtype=torch.int32, device=self.device)
+        ops.seal_blocks(self.hot_pools[layer], as_ids(src), self.cold_pools[layer], as_ids(dst),
+                        self.hot_format, self.cold_format)
+        for st, m in moves:
+            self._drop_hot_front(layer, st, m)
+
+    def _drop_hot_front(self, layer: int, st: _Layer, m: int) -> None:
+        bs = self.policy.block_size
+        self._hot_alloc[layer].give_back(st.hot.blocks[:m])
+        st.hot.blocks = st.hot.blocks[m:]
+        keep = torch.arange(m * bs, st.hot.len).expand(self.num_kv_heads, -1)
+        st.hot.select(keep)
+
+    def _read_blocks(self, pool, fmt, blocks: list[int], length: Optional[int] = None):
+        """Dequantized tokens of a block list: (key, value) [n, kv_heads, head_dim]."""
+        n = len(blocks) * self.policy.block_size if length is None else length
+        bt = torch.tensor([blocks or [0]], dtype=torch.int32, device=self.device)
+        k, v = ops.gather_dequant(pool, bt, torch.tensor([n], dtype=torch.int32, device=self.device), fmt,
+                                  torch.float32)
+        return k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+    # -------------------------------------------------------------- evict
+    def _evict(self, layer: int, st: _Layer, k: int) -> None:
+        """H2O: keeps the k cold tokens with the highest cumulative attention
+        (sinks always), per KV head; frees the blocks left empty."""
+        cold = st.cold
+        scores = cold.scores.clone()
+        scores[cold.pos.to(scores.device) < self.policy.sinks] = float("inf")
+        lens = torch.tensor([cold.len], dtype=torch.int32, device=self.device)
+        keep = ops.heavy_hitter_topk(scores[None], lens, k)
+        self._compact(layer, cold, keep[0].long().cpu(), self.cold_pools[layer], self.cold_format,
+                      self._cold_alloc[layer])
+
+    def _compact(self, layer: int, tier: _Tier, keep: torch.Tensor, pool, fmt, alloc) -> None:
+        """Moves slots keep [kv_heads, k] (ascending) to 0..k-1, zeroes what is
+        left of the old slots and frees the blocks past k."""
+        bs, k = self.policy.block_size, keep.shape[1]
+        bt = torch.tensor([tier.blocks or [0]], dtype=torch.int32, device=self.device)
+        ops.compact(pool, bt, keep[None].to(torch.int32).to(self.device), fmt)
+        tier.select(keep)
+        used = -(-k // bs)
+        alloc.give_back(tier.blocks[used:])
+        tier.blocks = tier.blocks[:used]
+        if k % bs:
+            self._wipe_rows(pool, fmt, tier.blocks[-1], k % bs)
+
+    def _wipe_rows(self, pool, fmt: str, block: int, first: int) -> None:
+        """Zeroes the codes and per-token scales of rows first.. of a block."""
+        f, bs = KVFormat.parse(fmt), self.policy.block_size
+        lay = f.layout(self.head_dim, bs)
+        for side, sf in (("k", f.k), ("v", f.v)):
+            s = lay[side]
+            pool[block, :, s["offset"] + first * s["row_bytes"]:s["offset"] + bs * s["row_bytes"]] = 0
+            if not sf.per_channel and s["meta_bytes"]:
+                per = s["meta_bytes"] // bs
+                pool[block, :, s["meta_offset"] + first * per:s["meta_offset"] + bs * per] = 0
+
+    # -------------------------------------------------------------- attend
+    def attend(self, layer: int, seq_ids: Sequence, query: torch.Tensor, scale: Optional[float] = None
+               ) -> torch.Tensor:
+        """Decode attention of one query per sequence, ``query`` [len(seq_ids),
+        num_heads, head_dim], over both tiers (merged exactly). Updates the
+        heavy-hitter scores under H2O. Returns [len(seq_ids), num_heads, head_dim]."""
+        states = self._states(layer, seq_ids)
+        if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != len(states) \
+                or query.shape[2] != self.head_dim or query.shape[1] % self.num_kv_heads:
+            raise ValueError(f"query must be [len(seq_ids)={len(states)}, num_heads (a multiple of "
+                             f"{self.num_kv_heads}), {self.head_dim}], got {tuple(getattr(query, 'shape', ()))}")
+        scale = self.head_dim ** -0.5 if scale is None else float(scale)
+        q = query.to(self.device, torch.float32)
+        h2o = self.policy.eviction == "h2o"
+        parts = []
+        for has, name, pool, fmt in ((self._has_hot, "hot", self.hot_pools[layer], self.hot_format),
+                                     (self._has_cold, "cold", self.cold_pools[layer], self.cold_format)):
+            if not has:
+                continue
+            tiers = [getattr(st, name) for st in states]
+            bt, lens = self._tables(tiers)
+            logits = torch.empty(len(states), q.shape[1], max(1, int(lens.max())), device=self.device) if h2o \
+                else None
+            out, lse = ops.paged_decode_attention(q, pool, bt, lens, fmt, scale, logits)
+            parts.append((out, lse, tiers, lens, logits))
+        out, lse = parts[0][0], parts[0][1]
+        for o, l, *_ in parts[1:]:
+            out, lse = ops.merge_attention_states(out, lse, o, l)
+        if h2o:
+            for _, _, tiers, lens, logits in parts:
+                self._accumulate(tiers, lens, logits, lse)
+        return out.to(query.dtype)
+
+    def _tables(self, tiers: list[_Tier]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(t.blocks) for t in tiers))
+        bt = torch.zeros(len(tiers), width, dtype=torch.int32)
+        for i, t in enumerate(tiers):
+            bt[i, :len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.int32)
+        lens = torch.tensor([t.len for t in tiers], dtype=torch.int32)
+        return bt.to(self.device), lens.to(self.device)
+
+    def _accumulate(self, tiers, lens, logits, lse) -> None:
+        width = logits.shape[2]
+        scores = torch.zeros(len(tiers), self.num_kv_heads, width, device=self.device)
+        for i, t in enumerate(tiers):
+            scores[i, :, :t.len] = t.scores
+        ops.accumulate_scores(logits, lse, lens, scores)
+        for i, t in enumerate(tiers):
+            t.scores = scores[i, :, :t.len].clone()
+
+    # -------------------------------------------------------------- forget
+    def forget(self, seq_id, start: int, end: int) -> None:
+        """Erases positions [start, end) of ``seq_id`` for good, in every layer
+        and tier: the tokens stop attending and their bytes (codes, scales,
+        scores) are overwritten. After H2O eviction KV heads may hold different
+        positions; heads left with more tokens than others also drop their
+        lowest-scoring extras, since all heads of a sequence share one length."""
+        self._known(seq_id)
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise ValueError(f"forget needs 0 <= start <= end, got start={start!r}, end={end!r}")
+        for layer, st in enumerate(self._seqs[seq_id]):
+            for name in ("hot", "cold"):
+                tier = getattr(st, name)
+                hit = (tier.pos >= start) & (tier.pos < end)
+                if tier.len == 0 or not bool(hit.any()):
+                    continue
+                keep = self._survivors(tier, ~hit)
+                pool = (self.hot_pools if name == "hot" else self.cold_pools)[layer]
+                fmt = self.hot_format if name == "hot" else self.cold_format
+                alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[layer]
+                self._compact(layer, tier, keep, pool, fmt, alloc)
+            self._requeue_cold_tail(layer, st)
+
+    @staticmethod
+    def _survivors(tier: _Tier, alive: torch.Tensor) -> torch.Tensor:
+        """Ascending slots [kv_heads, k] to keep: the alive ones, trimmed to the
+        smallest count over heads by score (then recency)."""
+        k = int(alive.sum(1).min())
+        rank = tier.pos.double() if tier.scores is None else tier.scores.double().cpu() * 1e12 + tier.pos.double()
+        rank = torch.where(alive, rank, torch.full_like(rank, -math.inf))
+        return torch.topk(rank, k, dim=1).indices.sort(dim=1).values
+
+    def _requeue_cold_tail(self, layer: int, st: _Layer) -> None:
+        """Sealed cold tiers grow by whole blocks; after a forget leaves a
+        partial last block, its tokens go back to the hot tier."""
+        bs, cold = self.policy.block_size, st.cold
+        if self._direct or self.policy.eviction == "streaming" or cold.len % bs == 0:
+            return
+        first = cold.len // bs * bs
+        k, v = self._read_blocks(self.cold_pools[layer], self.cold_format, cold.blocks, cold.len)
+        idx = torch.arange(first, cold.len).expand(self.num_kv_heads, -1)
+        pos = torch.gather(cold.pos, 1, idx)
+        scores = None if cold.scores is None else cold.scores[:, first:]
+        self._compact(layer, cold, torch.arange(first).expand(self.num_kv_heads, -1),
+                      self.cold_pools[layer], self.cold_format, self._cold_alloc[layer])
+        if not bool((pos == pos[:1]).all()):
+            raise RuntimeError("internal: per-head positions in a requeued block")  # eviction keeps blocks whole
+        self._write_hot(layer, [st], k[first:][None], v[first:][None], [(pos, scores)])
+
+    # --------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        """Exact occupancy: tokens held (per layer, summed over sequences),
+        pool bytes in use (all layers, both tiers, whole blocks) and bytes per
+        held token."""
+        hot = sum(st[0].hot.len for st in self._seqs.values())
+        cold = sum(st[0].cold.len for st in self._seqs.values())
+        bs = self.policy.block_size
+        hot_tile = self.hot_pools[0][0].numel() if self.hot_pools[0].shape[0] else 0
+        cold_tile = self.cold_pools[0][0].numel() if self.cold_pools[0].shape[0] else 0
+        hot_blocks = sum(a.used for a in self._hot_alloc)
+        cold_blocks = sum(a.used for a in self._cold_alloc)
+        used = hot_blocks * hot_tile + cold_blocks * cold_tile
+        tokens = hot + cold
+        return {
+            "sequences": len(self._seqs), "tokens": tokens, "hot_tokens": hot, "cold_tokens": cold,
+            "seen_tokens": sum(st[0].seen for st in self._seqs.values()),
+            "bytes": used, "bytes_per_token": used / tokens if tokens else 0.0,
+            "hot_blocks": hot_blocks, "cold_blocks": cold_blocks, "block_size": bs,
+            "capacity_bytes": sum(p.numel() for p in self.hot_pools + self.cold_pools),
+            "policy": self.policy.name, "hot_format": self.hot_format, "cold_format": self.cold_format,
+        }
+
+    # ------------------------------------------------------------- helpers
+    def _known(self, seq_id):
+        if seq_id not in self._seqs:
+            raise KeyError(f"unknown sequence {seq_id!r} (add_sequence first)")
+        return seq_id
+
+    def _state(self, seq_id, layer: int) -> _Layer:
+        return self._states(layer, [seq_id])[0]
+
+    def _states(self, layer: int, seq_ids: Iterable) -> list[_Layer]:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        seq_ids = list(seq_ids)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids has duplicates: {seq_ids}")
+        return [self._seqs[self._known(s)][layer] for s in seq_ids]

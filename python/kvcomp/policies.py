@@ -1,0 +1,57 @@
+"""Preset policies (CONTRACT.md §4). Each takes keyword overrides of any
+:class:`kvcomp.Policy` field, e.g. ``int4(hot_window=128, block_size=32)``."""
+from __future__ import annotations
+
+from .policy import Policy
+
+
+def _make(name: str, defaults: dict, overrides: dict) -> Policy:
+    return Policy(**{**defaults, **overrides, "name": overrides.get("name", name)})
+
+
+def full(**kw) -> Policy:
+    """No compression: every token stays in the hot tier, in the cache's dtype."""
+    return _make("full", dict(cold_format="fp16", hot_window=None), kw)
+
+
+def fp8(**kw) -> Policy:
+    """FP8 E4M3 with a per-token scale, written on arrival."""
+    return _make("fp8", dict(cold_format="fp8_e4m3", hot_window=0), kw)
+
+
+def int8(**kw) -> Policy:
+    """Symmetric INT8 with a per-token scale, written on arrival."""
+    return _make("int8", dict(cold_format="int8", hot_window=0), kw)
+
+
+def int4(**kw) -> Policy:
+    """INT4 with a scale and zero per 32 channels; the newest 64 tokens in full precision."""
+    return _make("int4", dict(cold_format="int4", hot_window=64), kw)
+
+
+def kivi2(**kw) -> Policy:
+    """KIVI: 2-bit K per channel (over 32-token blocks), 2-bit V per token, the
+    newest 128 tokens in full precision."""
+    return _make("kivi2", dict(cold_format="kivi2", hot_window=128, block_size=32), kw)
+
+
+def streaming_llm(sinks: int = 4, window: int = 1020, **kw) -> Policy:
+    """StreamingLLM: the first ``sinks`` tokens and the newest ``window``;
+    constant memory however long the stream."""
+    return _make("streaming_llm", dict(cold_format="fp16", hot_window=0, sinks=sinks, window=window,
+                                       eviction="streaming"), kw)
+
+
+def h2o(budget=0.2, **kw) -> Policy:
+    """H2O: heavy hitters (highest cumulative attention, ``budget`` of the
+    sequence) plus a recent full-precision window of 64 and 4 sinks."""
+    return _make("h2o", dict(cold_format="fp16", hot_window=64, sinks=4, eviction="h2o", budget=budget), kw)
+
+
+def combined(budget=0.5, **kw) -> Policy:
+    """KIVI-2 cold tier + H2O eviction + sinks: the fewest bytes per token."""
+    return _make("combined", dict(cold_format="kivi2", hot_window=128, block_size=32, sinks=4,
+                                  eviction="h2o", budget=budget), kw)
+
+
+PRESETS = {f.__name__: f for f in (full, fp8, int8, int4, kivi2, streaming_llm, h2o, combined)}

@@ -1,0 +1,181 @@
+"""Cache policies: which format the cold tier uses, how many recent tokens stay
+in full precision, and which tokens are evicted (CONTRACT.md §4).
+
+A :class:`Policy` is plain data, validated on construction. ``kvcomp.policies``
+holds the presets. :meth:`Policy.plan` says how many tokens each tier holds
+after ``n`` tokens of one sequence, the same rule :class:`kvcomp.PagedKVCache`
+follows, so :meth:`Policy.bytes_per_token` plans capacity before allocating.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .formats import KVFormat
+
+EVICTIONS = (None, "h2o", "streaming")
+BLOCK_SIZES = (16, 32, 64, 128)
+HOT_FORMATS = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a :class:`kvcomp.PagedKVCache` stores one sequence.
+
+    - ``cold_format``: format spec of the compressed (cold) tier.
+    - ``hot_window``: newest tokens kept in full precision (the hot tier);
+      ``None`` keeps every token hot (no cold tier: an uncompressed cache).
+      When the hot tier holds more, its oldest full blocks are sealed into the
+      cold tier. ``0`` with a per-token cold format writes straight to the cold
+      tier.
+    - ``sinks``: first tokens of a sequence that eviction never removes.
+    - ``eviction``: ``None``; ``"h2o"`` (keep the ``budget`` cold tokens with
+      the highest cumulative attention, plus sinks); ``"streaming"`` (keep the
+      sinks and the newest ``window`` tokens; constant memory).
+    - ``budget``: h2o's cold tokens kept per sequence: an int, or a fraction of
+      the sequence's length (float in (0, 1]). Rounded down to whole blocks.
+    - ``window``: streaming's recent tokens (hot tier included).
+    - ``block_size``: tokens per block (16, 32, 64 or 128).
+    - ``hot_format``: ``"fp16"``, ``"bf16"`` or ``"fp32"``; ``None`` follows
+      the cache's dtype.
+    - ``evict_every``: h2o evicts every this many appended tokens; ``None``
+      evicts as soon as a seal takes the cold tier over its budget.
+    """
+
+    cold_format: str = "int4"
+    hot_window: Optional[int] = 64
+    sinks: int = 0
+    eviction: Optional[str] = None
+    budget: Union[int, float, None] = None
+    block_size: int = 16
+    window: Optional[int] = None
+    hot_format: Optional[str] = None
+    evict_every: Optional[int] = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        fmt = KVFormat.parse(self.cold_format)  # ValueError names an unknown format
+        object.__setattr__(self, "cold_format", fmt.name)
+        _check(self.block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        _check(self.hot_format is None or self.hot_format in HOT_FORMATS,
+               f"hot_format must be one of {HOT_FORMATS} or None, got {self.hot_format!r}")
+        _check(self.hot_window is None or (_is_int(self.hot_window) and self.hot_window >= 0),
+               f"hot_window must be None or an int >= 0, got {self.hot_window!r}")
+        _check(_is_int(self.sinks) and self.sinks >= 0, f"sinks must be an int >= 0, got {self.sinks!r}")
+        _check(self.eviction in EVICTIONS, f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        _check(self.evict_every is None or (_is_int(self.evict_every) and self.evict_every > 0),
+               f"evict_every must be None or an int > 0, got {self.evict_every!r}")
+        if self.eviction is not None:
+            _check(self.hot_window is not None,
+                   f"eviction={self.eviction!r} needs a cold tier: hot_window must not be None")
+        if self.eviction == "h2o":
+            self._check_budget()
+        else:
+            _check(self.budget is None, f"budget applies to eviction='h2o' only, got budget={self.budget!r}")
+            _check(self.evict_every is None, "evict_every applies to eviction='h2o' only")
+        if self.eviction == "streaming":
+            self._check_streaming(fmt)
+        else:
+            _check(self.window is None, f"window applies to eviction='streaming' only, got window={self.window!r}")
+
+    def _check_budget(self):
+        b = self.budget
+        _check(b is not None, "eviction='h2o' needs a budget (cold tokens kept: an int or a fraction)")
+        if isinstance(b, float):
+            _check(0.0 < b <= 1.0, f"a fractional budget must be in (0, 1], got {b!r}")
+        else:
+            _check(_is_int(b) and b > 0, f"budget must be an int > 0 or a float in (0, 1], got {b!r}")
+            _check(b >= self.sinks, f"budget ({b}) must keep at least the {self.sinks} sinks")
+
+    def _check_streaming(self, fmt: KVFormat):
+        w, bs = self.window, self.block_size
+        _check(_is_int(w) and w > 0, f"eviction='streaming' needs window, an int > 0, got {w!r}")
+        _check(not fmt.per_channel,
+               f"eviction='streaming' rewrites single tokens: cold_format {fmt.name!r} is per-channel")
+        _check(self.hot_window % bs == 0,
+               f"with streaming, hot_window ({self.hot_window}) must be a multiple of block_size ({bs})")
+        _check(self.hot_window < w, f"hot_window ({self.hot_window}) must be smaller than window ({w})")
+
+    # ------------------------------------------------------------ planning
+    @property
+    def format(self) -> KVFormat:
+        return KVFormat.parse(self.cold_format)
+
+    def resolved_hot_format(self, dtype=None) -> str:
+        """The hot tier's format: ``hot_format``, else the one holding ``dtype`` exactly."""
+        if self.hot_format is not None:
+            return self.hot_format
+        import torch
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
+
+    def cold_budget(self, seq_len: int) -> Optional[int]:
+        """h2o: cold tokens kept for a sequence of ``seq_len`` tokens (whole blocks)."""
+        if self.eviction != "h2o":
+            return None
+        b = self.budget
+        tokens = math.floor(b * seq_len) if isinstance(b, float) else int(b)
+        kept = tokens // self.block_size * self.block_size
+        return max(kept, -(-self.sinks // self.block_size) * self.block_size)
+
+    def plan(self, seq_len: int) -> tuple[int, int]:
+        """(hot, cold) tokens one sequence holds after ``seq_len`` tokens were
+        appended one at a time (decode), by the rules PagedKVCache follows."""
+        n = int(seq_len)
+        if self.hot_window is None:
+            return n, 0
+        sealed = self.sealed(n)
+        if self.eviction == "streaming":
+            return n - sealed, min(sealed, self.sinks + self.window - self.hot_window)
+        if self.eviction == "h2o":
+            return n - sealed, self._h2o_cold(n)
+        return n - sealed, sealed
+
+    def sealed(self, n: int) -> int:
+        """Tokens that left the hot tier after ``n`` appended tokens: the hot
+        tier seals its oldest full blocks while it holds more than hot_window."""
+        if self._direct():
+            return n
+        bs, w = self.block_size, self.hot_window
+        return 0 if n <= w else min(-(-(n - w) // bs), n // bs) * bs
+
+    def _h2o_cold(self, n: int) -> int:
+        cold = 0
+        for t in range(1, n + 1):
+            cold += self.sealed(t) - self.sealed(t - 1)
+            if self.evicts_at(t):
+                cold = min(cold, self.cold_budget(t))
+        return cold
+
+    def evicts_at(self, t: int) -> bool:
+        """h2o may evict after the t-th token (every evict_every tokens, or always)."""
+        return self.evict_every is None or t % self.evict_every == 0
+
+    def _direct(self) -> bool:
+        """Tokens go straight to the cold tier (no hot copy)."""
+        return self.hot_window == 0 and not self.format.per_channel
+
+    def bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
+                        dtype=None) -> float:
+        """Expected pool bytes per token of context for a sequence of ``seq_len``
+        tokens: both tiers, whole blocks, eviction included, all layers and KV
+        heads. ``full()`` on Llama-3-8B in fp16 gives exactly 131072."""
+        hot, cold = self.plan(seq_len)
+        bs = self.block_size
+        hot_tile = KVFormat.parse(self.resolved_hot_format(dtype)).tile_bytes(head_dim, bs)
+        cold_tile = self.format.tile_bytes(head_dim, bs)
+        per_layer_head = -(-hot // bs) * hot_tile + -(-cold // bs) * cold_tile
+        return num_layers * num_kv_heads * per_layer_head / max(int(seq_len), 1)
+
+    def replace(self, **changes) -> "Policy":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
