@@ -1,0 +1,1 @@
+"""Integrations with inference frameworks (each behind its own optional import)."""

@@ -1,0 +1,226 @@
+"""Hugging Face transformers integration (install ``kvcomp[hf]``).
+
+``KVCompCache`` is a transformers ``Cache`` backed by one
+:class:`kvcomp.PagedKVCache` per layer; importing this module also registers
+``attn_implementation="kvcomp"``. Every transformers-specific line of kvcomp
+lives here: the cache API changes between releases (tested: 5.x).
+
+- Prompt chunks (more than one query token) run the model's SDPA over the
+  dequantized cache before the chunk plus the chunk's own full-precision K/V.
+- Decode steps with ``"kvcomp"`` attention attend straight on the compressed
+  pages (both tiers, merged), feeding H2O's scores; nothing is expanded.
+- Under ``"kvcomp"``, padded prompt positions are erased from the cache after
+  the prompt (``forget``), so decode needs no mask. Under ``"eager"``/``"sdpa"``
+  each step gets the dequantized held tokens back in position order and the
+  model's own mask; exact for policies without eviction.
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kvcomp")
+    out = model.generate(ids, past_key_values=KVCompCache(policy=kvcomp.policies.int4()))
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .. import ops
+from ..cache import PagedKVCache
+from ..policy import Policy
+
+__all__ = ["KVCompCache", "kvcomp_attention"]
+
+
+class _Tagged:
+    """What ``update`` hands the attention function beside K/V (as a tensor
+    attribute, since transformers passes only tensors along)."""
+
+    def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int):
+        self.layer, self.held, self.new_tokens = layer, held, new_tokens
+
+
+class KVCompLayer(CacheLayerMixin):
+    """One model layer: a single-layer PagedKVCache whose sequences are the
+    batch rows 0..batch-1."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "KVCompCache"):
+        super().__init__()
+        self.owner = owner
+        self.cache: Optional[PagedKVCache] = None
+        self.native = False  # set once "kvcomp" attention has run: decode skips the dequantized copy
+
+    # transformers' layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        o = self.owner
+        self.cache = PagedKVCache(1, h, d, o.policy, max_tokens=o.max_tokens * b, dtype=key_states.dtype,
+                                  device=key_states.device, max_seqs=max(b, 1))
+        for i in range(b):
+            self.cache.add_sequence(i)
+        self.batch_size = b
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, q, _ = key_states.shape
+        rows = list(range(b))
+        decode_native = self.native and q == 1
+        held = self.held_counts()
+        prev = None if decode_native else self.dequantized()
+        self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2))
+        if decode_native:
+            k, v = key_states, value_states
+        else:
+            k = torch.cat([prev[0].to(key_states.dtype), key_states], 2)
+            v = torch.cat([prev[1].to(value_states.dtype), value_states], 2)
+        k._kvcomp = _Tagged(self, held, q)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.is_initialized:
+            return query_length, 0
+        held = int(self.held_counts().max())
+        return held + query_length, self.get_seq_length() - held
+
+    def get_seq_length(self) -> int:
+        return self.cache.seq_len(0) if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache, self.native, self.is_initialized = None, False, False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVCompCache does not support beam search (reorder_cache)")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # kvcomp helpers
+    def held_counts(self) -> torch.Tensor:
+        return torch.tensor([self.cache.held(i) for i in range(self.batch_size)])
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held tokens of every row, dequantized, in position order and
+        right-aligned: ([batch, kv_heads, max_held, head_dim] K, V; fp32)."""
+        c, b = self.cache, self.batch_size
+        n = int(self.held_counts().max()) if b else 0
+        h, d = c.num_kv_heads, c.head_dim
+        K = torch.zeros(b, h, n, d, device=c.device)
+        V = torch.zeros_like(K)
+        for i in range(b):
+            parts, pos = [], []
+            for tier, pool, fmt in (("hot", c.hot_pools[0], c.hot_format), ("cold", c.cold_pools[0], c.cold_format)):
+                t = getattr(c._seqs[i][0], tier)
+                if t.len:
+                    parts.append(c._read_blocks(pool, fmt, t.blocks, t.len))
+                    pos.append(t.pos)
+            if not parts:
+                continue
+            k = torch.cat([p[0] for p in parts]).transpose(0, 1)  # [h, held, d]
+            v = torch.cat([p[1] for p in parts]).transpose(0, 1)
+            order = torch.cat(pos, 1).argsort(1).to(c.device)
+            m = k.shape[1]
+            K[i, :, n - m:] = torch.gather(k, 1, order[..., None].expand(-1, -1, d))
+            V[i, :, n - m:] = torch.gather(v, 1, order[..., None].expand(-1, -1, d))
+        return K, V
+
+
+class KVCompCache(Cache):
+    """A transformers ``Cache`` storing K/V per a :class:`kvcomp.Policy`.
+
+    ``max_tokens``: cold-tier capacity per sequence and layer (the hot tier
+    under ``full()``); exceeding it raises :class:`kvcomp.CacheFullError`.
+    """
+
+    def __init__(self, policy: Optional[Policy] = None, max_tokens: int = 32768):
+        from .. import policies
+        self.policy = policy if policy is not None else policies.full()
+        self.max_tokens = int(max_tokens)
+        super().__init__(layer_class_to_replicate=lambda: KVCompLayer(self))
+
+    def stats(self) -> dict:
+        """Sum of every layer's :meth:`kvcomp.PagedKVCache.stats` (tokens per layer)."""
+        parts = [l.cache.stats() for l in self.layers if getattr(l, "cache", None) is not None]
+        if not parts:
+            return {"tokens": 0, "bytes": 0, "bytes_per_token": 0.0, "layers": 0}
+        tokens, used = parts[0]["tokens"], sum(p["bytes"] for p in parts)
+        return {"tokens": tokens, "bytes": used, "bytes_per_token": used / tokens if tokens else 0.0,
+                "layers": len(parts), "hot_tokens": parts[0]["hot_tokens"], "cold_tokens": parts[0]["cold_tokens"],
+                "seen_tokens": parts[0]["seen_tokens"] // max(parts[0]["sequences"], 1)}
+
+
+def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                     dropout: float = 0.0, **kwargs):
+    """``attn_implementation="kvcomp"``: decode on the compressed pages."""
+    tag = getattr(key, "_kvcomp", None)
+    if tag is None:  # not a KVCompCache (e.g. no cache at all): plain SDPA over what we were given
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    layer: KVCompLayer = tag.layer
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    b, _, q, _ = query.shape
+    if layer.native and q == 1:
+        out = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale)
+        return out[:, None], None
+    mask = _prefill_mask(tag, attention_mask, key.shape[2], q, query.device)
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
+                                    is_causal=False, **kwargs)
+    _forget_padding(layer, mask[:, 0, -1, -q:], q)
+    layer.native = True
+    return out, None
+
+
+def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> torch.Tensor:
+    """[batch, 1, q, kv_len] bool: every held token (right-aligned before the
+    chunk) is visible; within the chunk, the model's mask (causal + padding)."""
+    b, prev = tag.held.shape[0], kv_len - q
+    mask = torch.zeros(b, 1, q, kv_len, dtype=torch.bool, device=device)
+    cols = torch.arange(prev, device=device)
+    mask[..., :prev] = (cols >= prev - tag.held.to(device)[:, None])[:, None, None, :]
+    if attention_mask is None:
+        chunk = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+    else:
+        am = attention_mask[..., -q:]
+        chunk = am if am.dtype == torch.bool else am == 0
+    mask[..., prev:] = chunk
+    return mask
+
+
+def _forget_padding(layer: KVCompLayer, last_row: torch.Tensor, q: int) -> None:
+    """Erases chunk positions the last query may not see (padding) from the
+    cache, so decode steps attend without a mask."""
+    first = layer.cache.seq_len(0) - q
+    for i in range(last_row.shape[0]):
+        hidden = torch.nonzero(~last_row[i]).flatten().tolist()
+        for j in _runs(hidden):
+            layer.cache.forget(i, first + j[0], first + j[1])
+
+
+def _runs(xs: list[int]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive ints."""
+    out = []
+    for x in xs:
+        if out and out[-1][1] == x:
+            out[-1] = (out[-1][0], x + 1)
+        else:
+            out.append((x, x + 1))
+    return out
+
+
+AttentionInterface.register("kvcomp", kvcomp_attention)
+AttentionMaskInterface.register("kvcomp", sdpa_mask)

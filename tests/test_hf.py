@@ -1,0 +1,135 @@
+"""The Hugging Face integration on tiny random models (no download):
+generation through KVCompCache matches DynamicCache where it must."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+import kvcomp  # noqa: E402
+from kvcomp import policies  # noqa: E402
+from kvcomp.integrations.hf import KVCompCache  # noqa: E402
+
+PROMPT, NEW, PAD = 300, 48, 37
+
+
+def _llama():
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096)  # MQA
+    return Qwen2ForCausalLM(cfg)
+
+
+MODELS = {"llama-gqa": _llama, "qwen2": _qwen2}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (2, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :PAD] = 0  # left padding of row 1
+    return ids, mask
+
+
+def _generate(model, batch, attn, cache, new=NEW):
+    ids, mask = batch
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, past_key_values=cache, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch):
+    return _generate(model, batch, "eager", DynamicCache())
+
+
+@pytest.mark.parametrize("attn", ["eager", "kvcomp"])
+def test_full_policy_generates_the_same_tokens(model, batch, reference, attn):
+    cache = KVCompCache(policy=policies.full())
+    out = _generate(model, batch, attn, cache)
+    assert out.shape[1] == PROMPT + NEW
+    assert torch.equal(out, reference)
+    held = cache.stats()["tokens"]
+    # "kvcomp" erases the padding after the prompt; eager keeps it, as DynamicCache does.
+    assert held == 2 * (PROMPT + NEW - 1) - (PAD if attn == "kvcomp" else 0)
+
+
+def _logits_along(model, batch, tokens, cache, attn):
+    """Teacher-forced logits of every generated step through ``cache``."""
+    ids, mask = batch
+    model.set_attn_implementation(attn)
+    out = []
+    with torch.no_grad():
+        r = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out.append(r.logits[:, -1])
+        for t in range(tokens.shape[1] - 1):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            pos = (mask.cumsum(1) - 1)[:, -1:]
+            r = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, past_key_values=cache,
+                      position_ids=pos, use_cache=True)
+            out.append(r.logits[:, -1])
+    return torch.stack(out, 1)
+
+
+def test_int8_logits_match_dynamic_cache(model, batch, reference):
+    """int8 per-token K/V (error <= absmax/254 per element) moves the logits of
+    a random model by well under 1% of their spread."""
+    gen = reference[:, PROMPT:]
+    ref = _logits_along(model, batch, gen, DynamicCache(), "eager")
+    got = _logits_along(model, batch, gen, KVCompCache(policy=policies.int8()), "kvcomp")
+    err = (got - ref).abs().max() / ref.std()
+    assert err < 1e-2, float(err)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+def test_kvcomp_decode_attends_on_pages(model, batch):
+    """After the prompt, "kvcomp" decode steps get only the new token from the
+    cache (no dequantized copy): the pages are all that is attended."""
+    cache = KVCompCache(policy=policies.int4())
+    _generate(model, batch, "kvcomp", cache, new=4)
+    assert all(layer.native for layer in cache.layers)
+    s = cache.stats()
+    assert s["hot_tokens"] + s["cold_tokens"] == s["tokens"] > 0
+    assert s["cold_tokens"] > 0
+
+
+def test_streaming_holds_constant_memory(batch):
+    torch.manual_seed(0)
+    model = _llama().eval()
+    model.set_attn_implementation("kvcomp")
+    pol = policies.streaming_llm(sinks=4, window=60)
+    cache = KVCompCache(policy=pol)
+    ids, mask = batch
+    sizes = []
+    with torch.no_grad():
+        r = model(input_ids=ids[:, :16], attention_mask=mask[:, :16] * 0 + 1, past_key_values=cache, use_cache=True)
+        tok = r.logits[:, -1:].argmax(-1)
+        for step in range(2000):
+            r = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = r.logits[:, -1:].argmax(-1)
+            sizes.append((cache.stats()["tokens"], cache.stats()["bytes"]))
+    assert cache.get_seq_length() == 16 + 2000
+    steady = sizes[100:]
+    assert set(steady) == {sizes[-1]}
+    assert sizes[-1][0] == 2 * (4 + 60)
+
+
+def test_kvcomp_registered():
+    from transformers import AttentionInterface
+    assert "kvcomp" in AttentionInterface._global_mapping
+    assert isinstance(KVCompCache(policy=policies.kivi2()), transformers.Cache)
