@@ -47,7 +47,7 @@ void compact_cpu(const Pool& pool, const BlockTables& bt, const int32_t* keep, i
   check_keep(pool, bt, keep, k);
   const TileLayout& L = pool.layout;
   const int hd = L.head_dim, bs = L.block_size, heads = pool.num_heads;
-  parallel_for(bt.batch * heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(bt.batch * heads, grain_for(k * hd), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> src;
     std::vector<float> x;
     for (int64_t w = begin; w < end; ++w) {

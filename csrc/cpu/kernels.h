@@ -13,6 +13,13 @@ namespace kvcomp {
 // at::parallel_for, supplied by the binding so kernels stay torch-free.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 int num_threads();
+// parallel_for grain for items of about `work` elements each: small calls
+// stay on the calling thread, since waking the pool (worse on a busy
+// machine) costs more than they do.
+constexpr int64_t kParallelWork = 1 << 15;
+inline int64_t grain_for(int64_t work) {
+  return work >= kParallelWork ? 1 : kParallelWork / (work > 0 ? work : 1);
+}
 
 // seq_lens within [0, max_blocks * block_size]; the ids of used blocks in range.
 void check_paged(const Pool& pool, const BlockTables& bt, const int32_t* seq_lens);

@@ -236,7 +236,7 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
   std::vector<float> ml((size_t)parts * H * 2), acc((size_t)parts * H * hd);
   ItemFn fn = pick(pool.layout.k.fmt.kind, pool.layout.v.fmt.kind);
 
-  parallel_for(parts * hchunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(parts * hchunks, grain_for(std::min(split_len, max_len) * hper * hd * 2), [&](int64_t begin, int64_t end) {
     std::vector<float> logits_buf((size_t)G * bs);
     for (int64_t w = begin; w < end; ++w) {
       int64_t part = w / hchunks, b = part / splits, s = part % splits;

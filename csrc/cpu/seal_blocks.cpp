@@ -19,7 +19,7 @@ void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, cons
   check_ids(dst, n, cold.num_blocks, "dst_blocks");
   const int hd = hot.layout.head_dim, bs = hot.layout.block_size;
   // A hot block holding NaN/Inf is rejected before anything is written.
-  parallel_for(n * hot.num_heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(n * hot.num_heads, grain_for(2 * bs * hd), [&](int64_t begin, int64_t end) {
     std::vector<float> x(hd);
     for (int64_t w = begin; w < end; ++w) {
       int64_t i = w / hot.num_heads;
@@ -34,7 +34,7 @@ void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, cons
         }
     }
   });
-  parallel_for(n * hot.num_heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(n * hot.num_heads, grain_for(2 * bs * hd), [&](int64_t begin, int64_t end) {
     std::vector<float> x((size_t)bs * hd);
     for (int64_t w = begin; w < end; ++w) {
       int64_t i = w / hot.num_heads;

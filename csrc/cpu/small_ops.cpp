@@ -42,7 +42,7 @@ void accumulate_scores_cpu(const float* logits, int64_t logits_len, const float*
       throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
                      " is outside [0, " + std::to_string(std::min(logits_len, scores_len)) +
                      "] (the length of logits and scores)");
-  parallel_for(batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(batch * num_kv_heads, grain_for(group * scores_len), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       int64_t b = w / num_kv_heads, h = w % num_kv_heads, len = seq_lens[b];
       float* s = scores + w * scores_len;
@@ -96,7 +96,7 @@ void heavy_hitter_topk_cpu(const float* scores, int64_t rows, int64_t rows_per_b
     if (seq_lens[b] < 0 || seq_lens[b] > len)
       throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
                      " is outside [0, " + std::to_string(len) + "] (the length of scores)");
-  parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(rows, grain_for(len), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys;
     for (int64_t r = begin; r < end; ++r) {
       const float* s = scores + r * len;
