@@ -15,7 +15,8 @@ all: test
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel rich
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel rich \
+		"transformers>=5.0,<6" safetensors
 	touch $@
 
 # Incremental (ninja) in-place build of python/kvcomp/_C*.so.
