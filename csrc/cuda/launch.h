@@ -55,7 +55,7 @@ cudaError_t heavy_hitter_topk(const float* scores, int64_t rows, int64_t rows_pe
                               int64_t len, const int32_t* seq_lens, int64_t k, int32_t* out,
                               cudaStream_t stream);
 
-// workspace: int32 [bt.batch * pool.num_heads * (k + 1)], scratch.
+// workspace: int32 [bt.batch * pool.num_heads * k], scratch.
 cudaError_t compact(const Pool& pool, const BlockTables& bt, const int32_t* keep, int64_t k,
                     int32_t* workspace, cudaStream_t stream);
 
