@@ -56,9 +56,9 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------- top-k
 // One CTA per row: an MSB-first radix select of the k-th largest key (11, 11
 // and 10 bits, as on the CPU) with shared-memory histograms. The first pass
-// reads the row; once the bucket holding the k-th key fits in kCap, the next
-// pass also copies that bucket's keys to shared memory and later passes read
-// only those. A last ordered pass over the row emits the positions: keys
+// reads the row; if the bucket holding the k-th key then fits in kCap, the
+// second pass also copies that bucket's keys to shared memory and the third
+// reads only those. A last ordered pass over the row emits the positions: keys
 // above the threshold, and the first `eq` keys equal to it, in position order.
 constexpr int kTopkThreads = 1024;
 constexpr int kPerThread = 8;
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kTopkThreads)
   bool gathered = false;
   for (int pass = 0; pass < 3; ++pass) {
     const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0, buckets = pass == 2 ? 1024 : 2048;
-    const bool gather = !gathered && pass > 0 && bucket <= kCap;
+    const bool gather = pass == 1 && bucket <= kCap;  // then pass 2 reads shared memory only
     for (int i = tid; i < buckets; i += kTopkThreads) sh.hist[i] = 0;
     if (tid == 0) sh.ncand = 0;
     __syncthreads();
