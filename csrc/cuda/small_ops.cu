@@ -129,14 +129,14 @@ __device__ __forceinline__ void pick_digit(TopkShared& sh, int buckets, int rema
 }
 
 template <bool kVec>
-__global__ void __launch_bounds__(kTopkThreads)
-    topk_kernel(const float* __restrict__ scores, int64_t rows_per_batch, int len,
+__global__ void __launch_bounds__(kTopkThreads, 1)
+    topk_kernel(const float* __restrict__ scores, int rows_per_batch, int len,
                 const int32_t* __restrict__ seq_lens, int k, int32_t* __restrict__ out) {
   __shared__ TopkShared sh;
   const int tid = threadIdx.x, lane = tid & 31, wid = tid / 32;
-  const int64_t r = blockIdx.x;
-  const float* row = scores + r * len;
-  int32_t* o = out + r * k;
+  const int r = blockIdx.x;  // 32-bit: a 64-bit division is a call (and spills)
+  const float* row = scores + (int64_t)r * len;
+  int32_t* o = out + (int64_t)r * k;
   const int n = min(max(seq_lens[r / rows_per_batch], 0), len);
   if (n <= k) {
     for (int m = tid; m < k; m += kTopkThreads) o[m] = m < n ? m : -1;
@@ -256,13 +256,13 @@ cudaError_t heavy_hitter_topk(const float* scores, int64_t rows, int64_t rows_pe
                               int64_t len, const int32_t* seq_lens, int64_t k, int32_t* out,
                               cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (len > INT32_MAX || k > INT32_MAX) return cudaErrorInvalidValue;
+  if (len > INT32_MAX || k > INT32_MAX || rows > INT32_MAX) return cudaErrorInvalidValue;
   const bool vec = reinterpret_cast<uintptr_t>(scores) % 16 == 0 && len % 4 == 0;
   if (vec)
-    topk_kernel<true><<<(unsigned)rows, kTopkThreads, 0, stream>>>(scores, rows_per_batch, (int)len,
+    topk_kernel<true><<<(unsigned)rows, kTopkThreads, 0, stream>>>(scores, (int)rows_per_batch, (int)len,
                                                                     seq_lens, (int)k, out);
   else
-    topk_kernel<false><<<(unsigned)rows, kTopkThreads, 0, stream>>>(scores, rows_per_batch, (int)len,
+    topk_kernel<false><<<(unsigned)rows, kTopkThreads, 0, stream>>>(scores, (int)rows_per_batch, (int)len,
                                                                      seq_lens, (int)k, out);
   return cudaGetLastError();
 }
