@@ -1,12 +1,17 @@
 """Timing shared by the subcommands: one Timer for CPU (perf_counter) and
-CUDA (events), the machine's memory bandwidth, and facts about the run."""
+CUDA (events, CUDA-graph replay), the machine's memory bandwidth, and facts
+about the run."""
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -60,6 +65,23 @@ class Timer:
                 break
         return {"ms": statistics.median(samples), "min_ms": min(samples), "n": len(samples)}
 
+    def measure_calls(self, calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 2,
+                      max_seconds: Optional[float] = None) -> dict:
+        """Median time of one call, rotating among ``calls`` (the same op over
+        different input sets). On CUDA each call is captured once into a CUDA
+        graph and replayed, so the timed region holds the op's kernels only
+        (no host launch gaps, no host-side validation); if capture fails the
+        calls run eagerly with kvcomp's host-side validation off. The result
+        says which (``graph``)."""
+        graphs = capture_graphs(calls) if self.cuda else None
+        if graphs is not None:
+            r = self.measure(lambda i: graphs[i % len(graphs)].replay(), repeats, warmup, max_seconds)
+            del graphs  # frees the graphs' private memory
+            return dict(r, graph=True)
+        with cuda_validation(False) if self.cuda else contextlib.nullcontext():
+            r = self.measure(lambda i: calls[i % len(calls)](), repeats, warmup, max_seconds)
+        return dict(r, graph=False)
+
     def _one(self, fn: Callable[[int], object], i: int) -> float:
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
@@ -72,6 +94,57 @@ class Timer:
         t0 = time.perf_counter()
         fn(i)
         return (time.perf_counter() - t0) * 1e3
+
+
+@contextlib.contextmanager
+def cuda_validation(enabled: bool):
+    """kvcomp's host-side data checks of CUDA inputs (they synchronize with
+    the host) switched on or off for a block, then restored. A no-op without
+    CUDA or in a build without the switch."""
+    from kvcomp import ops
+    setter = getattr(ops, "set_cuda_validation", None)
+    previous = None
+    if setter is not None and torch.cuda.is_available():
+        try:
+            previous = setter(enabled)
+        except AttributeError:  # extension built without CUDA support
+            setter = None
+    try:
+        yield
+    finally:
+        if setter is not None and previous is not None:
+            setter(previous)
+
+
+def capture_graph(fn: Callable[[], object], pool=None) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured into a CUDA graph (warmed up first on a side stream, as
+    torch requires: lazy initialisation and allocations happen outside the
+    capture). Validation is off while capturing."""
+    with cuda_validation(False):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+    return graph
+
+
+def capture_graphs(calls: Sequence[Callable[[], object]]):
+    """One graph per call, sharing one memory pool; None (with a note on
+    stderr) if the op cannot be captured."""
+    graphs = []
+    try:
+        for fn in calls:
+            graphs.append(capture_graph(fn, graphs[0].pool() if graphs else None))
+    except RuntimeError as e:
+        print(f"  note: CUDA graph capture failed, timing eager calls: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return graphs
 
 
 def _last_level_cache_bytes(device: torch.device) -> int:
@@ -102,10 +175,26 @@ def read_bandwidth_gbps(timer: Timer, mib: int = 512, repeats: int = 5) -> float
 
 def copy_bandwidth_gbps(timer: Timer, mib: int = 512, repeats: int = 5) -> float:
     """Best-of-N bandwidth of a buffer copy, counting bytes read plus written."""
+    return copy_bandwidth(timer, mib, repeats)["best"]
+
+
+def copy_bandwidth(timer: Timer, mib: int = 512, repeats: int = 5) -> dict:
+    """A device-to-device copy of a ``mib`` MiB buffer (bytes read + written
+    counted): best and median GB/s over ``repeats`` copies."""
     src = torch.empty((mib << 20) // 4, dtype=torch.float32, device=timer.device).fill_(1.0)
     dst = torch.empty_like(src).fill_(0.0)
     r = timer.measure(lambda i: dst.copy_(src), repeats=repeats, warmup=1, flush=False)
-    return 2 * src.numel() * 4 / (r["min_ms"] / 1e3) / 1e9
+    moved = 2 * src.numel() * 4
+    return {"best": moved / (r["min_ms"] / 1e3) / 1e9, "median": moved / (r["ms"] / 1e3) / 1e9,
+            "bytes": moved}
+
+
+def cuda_free_bytes(device) -> int:
+    """Bytes a new allocation can get: free device memory plus what torch's
+    caching allocator holds unused (after returning that to the driver)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 def device_name(device: torch.device) -> str:
@@ -124,7 +213,12 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD of the checkout kvcomp is imported from, or None (e.g. a wheel)."""
+    """$KVCOMP_COMMIT if it is a hex sha (a copy of the tree without .git, as
+    on the device machine), else HEAD of the checkout kvcomp is imported
+    from, else None (e.g. a wheel)."""
+    env = os.environ.get("KVCOMP_COMMIT", "").strip().lower()
+    if re.fullmatch(r"[0-9a-f]{40}", env):
+        return env
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

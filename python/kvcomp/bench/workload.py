@@ -90,3 +90,63 @@ def fill_cache(fmt: kvcomp.KVFormat, key, value, geom: Geometry, device, generat
                                 geom.head_dim, fmt, device)
     write_cache(fmt, key, value, pool, slots, geom, device)
     return pool, tables, seq_lens
+
+
+# ------------------------------------------------------------ sweep inputs
+# The issue's grid (32 query heads, 8 KV heads, head_dim 128).
+SWEEP_FORMATS = ["fp16", "fp8_e4m3", "int8", "int4", "int2"]
+SWEEP_BATCHES = [1, 16, 64]
+SWEEP_CONTEXTS = [1024, 8192, 32768, 131072]
+
+
+def dense_bytes(geom: Geometry, dtype: torch.dtype = torch.float16) -> int:
+    """K plus V held dense: ``2 * [batch, kvh, context, hd]``."""
+    return 2 * geom.batch * geom.num_kv_heads * geom.context * geom.head_dim * dtype.itemsize
+
+
+def pool_bytes(fmt: kvcomp.KVFormat, geom: Geometry) -> int:
+    """The pool holding every sequence's blocks."""
+    return geom.num_blocks * geom.num_kv_heads * fmt.tile_bytes(geom.head_dim, geom.block_size)
+
+
+def make_dense_kv(geom: Geometry, device, dtype: torch.dtype, seed: int):
+    """K and V ``[batch, kvh, context, hd]`` drawn on ``device`` (no host copy
+    of tens of GB): standard normal with the same outlier channels as
+    :func:`make_kv`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (geom.batch, geom.num_kv_heads, geom.context, geom.head_dim)
+    key = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    value = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    outliers = torch.randperm(geom.head_dim, generator=torch.Generator().manual_seed(seed))[:4].tolist()
+    for c in outliers:
+        key[..., c] *= 10.0
+    for c in outliers[:2]:
+        value[..., c] *= 3.0
+    return key, value
+
+
+def write_dense(fmt: kvcomp.KVFormat, key, value, pool, tables, geom: Geometry,
+                chunk_tokens: int = 1 << 18) -> None:
+    """Store dense ``[batch, kvh, context, hd]`` K/V into ``pool`` behind
+    ``tables``, a few whole blocks of every sequence at a time (so the token-
+    major copy the op takes stays small). Per-channel formats go through a
+    chunk-sized fp16 hot pool and seal_blocks."""
+    B, H, L, D = key.shape
+    bs = geom.block_size
+    step = max(1, chunk_tokens // (B * bs))  # blocks per sequence per chunk
+    for j0 in range(0, geom.blocks_per_seq, step):
+        j1 = min(j0 + step, geom.blocks_per_seq)
+        t0, t1 = j0 * bs, min(j1 * bs, L)
+        pos = torch.arange(t0, t1, device=key.device)
+        k = key[:, :, t0:t1].transpose(1, 2).reshape(-1, H, D)
+        v = value[:, :, t0:t1].transpose(1, 2).reshape(-1, H, D)
+        if not fmt.per_channel:
+            slots = tables[:, pos // bs].long() * bs + pos % bs
+            ops.quantize_write(k, v, pool, slots.reshape(-1), fmt.name)
+            continue
+        hot = kvcomp.allocate_pool(B * (j1 - j0), bs, H, D, "fp16", key.device)
+        local = torch.arange(B * (j1 - j0), dtype=torch.int32, device=key.device).view(B, j1 - j0)
+        slots = local[:, pos // bs - j0].long() * bs + pos % bs
+        ops.quantize_write(k, v, hot, slots.reshape(-1), "fp16")
+        ops.seal_blocks(hot, local.reshape(-1), pool, tables[:, j0:j1].reshape(-1).contiguous(),
+                        "fp16", fmt.name)
