@@ -637,10 +637,6 @@ def test_h2o_evict_every_single_steps_and_aligned_chunks():
     r.check_all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: h2o with evict_every evicts only when the sequence length is an "
-                   "exact multiple of evict_every (Policy.evicts_at(st.seen) after the append); chunked appends "
-                   "that step over the multiples skip eviction: 40-token chunks with evict_every=50 hold 144 "
-                   "cold tokens at length 160 (budget 32)")
 def test_h2o_evict_every_chunked_appends():
     p = P.h2o(budget=32, hot_window=16, sinks=4, evict_every=50)
     r = Run(p, F32, layers=1, track_scores=True)
@@ -853,9 +849,6 @@ def test_forget_h2o_before_eviction():
     r.check_scores(0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: forget after an H2O eviction raises RuntimeError('internal: "
-                   "per-head positions in a requeued block'): KV heads keep different positions, so "
-                   "_requeue_cold_tail's same-positions-across-heads assumption does not hold")
 def test_forget_h2o_after_eviction():
     r = Run(P.h2o(budget=48, hot_window=16, sinks=4), F32, layers=1, track_scores=True)
     r.add(0)
@@ -872,10 +865,6 @@ def test_forget_h2o_after_eviction():
     r.attend([0], 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: per-channel cold format with hot_window=0 (e.g. "
-                   "kivi2(hot_window=0)): forget requeues a partial cold block into the hot tier beyond "
-                   "_hot_cap (= block_size), then append's chunk size m = _hot_cap - hot.len is negative "
-                   "and the negative slices re-append tokens (seq_len 96 instead of 80)")
 def test_forget_then_bulk_append_per_channel_hot_window_0():
     r = Run(P.kivi2(hot_window=0), F32, layers=1, seed=1)
     r.add(0)
@@ -1019,9 +1008,6 @@ def test_nan_input_rejected():
             r.c.append(0, [0], r.data(1, 3), v)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an append the ops reject (NaN/Inf, float64 K/V) leaves the "
-                   "cache changed: _write_hot/_write_cold record the tokens (seen, positions, blocks) "
-                   "before quantize_write validates, so the rejected tokens stay held as all-zero K/V")
 @pytest.mark.parametrize("policy", [P.int8(), P.int4(hot_window=16), P.full()], ids=pid)
 @pytest.mark.parametrize("bad", ["nan", "float64"])
 def test_rejected_append_leaves_cache_unchanged(policy, bad):

@@ -142,8 +142,6 @@ def test_streaming_rejects_per_channel(fmt):
                block_size=32 if "kivi" in fmt else 16)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): an unknown cold_format raises ValueError "
-                   "'format: unknown format ...' that does not name the field cold_format")
 def test_unknown_cold_format_message_names_field():
     with pytest.raises(ValueError, match="cold_format"):
         Policy(cold_format="int3")

@@ -174,8 +174,11 @@ class PagedKVCache:
                                  f"{self.head_dim}], got {tuple(getattr(t, 'shape', ()))}")
         if n == 0:
             return
+        self._check_storable(key, "key")
+        self._check_storable(value, "value")
         key, value = key.to(self.device), value.to(self.device)
         self._reserve(layer, states, n)
+        before = [st.seen for st in states]
         if not self._has_cold:
             self._write_hot(layer, states, key, value)
         elif self._direct:
@@ -188,10 +191,21 @@ class PagedKVCache:
                 self._seal(layer, states)
                 t += m
         if self.policy.eviction == "h2o":
-            for st in states:
+            for st, seen in zip(states, before):
                 budget = self.policy.cold_budget(st.seen)
-                if self.policy.evicts_at(st.seen) and st.cold.len > budget:
+                if self.policy.evicts_during(seen, st.seen) and st.cold.len > budget:
                     self._evict(layer, st, budget)
+
+    def _check_storable(self, t: torch.Tensor, name: str) -> None:
+        """The ops reject these too, but only after the bookkeeping moved on:
+        checked first so a rejected append changes nothing."""
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN or Inf; the cache never stores them")
+        if "fp16" in (self.hot_format, self.cold_format.split("/")[0], self.cold_format.split("/")[-1]) \
+                and bool((t.abs() >= 65520).any()):
+            raise ValueError(f"{name} holds values beyond fp16's range (|x| >= 65520)")
 
     def _fresh(self, st: _Layer, n: int) -> torch.Tensor:
         """Positions [kv_heads, n] of the next n tokens of a sequence."""
@@ -468,9 +482,8 @@ class PagedKVCache:
         scores = None if cold.scores is None else cold.scores[:, first:]
         self._compact(layer, cold, torch.arange(first).expand(self.num_kv_heads, -1),
                       self.cold_pools[layer], self.cold_format, self._cold_alloc[layer])
-        if not bool((pos == pos[:1]).all()):
-            raise RuntimeError("internal: per-head positions in a requeued block")  # eviction keeps blocks whole
         self._write_hot(layer, [st], k[first:][None], v[first:][None], [(pos, scores)])
+        self._seal(layer, [st])  # back within hot_window (or under one block)
 
     # --------------------------------------------------------------- stats
     def stats(self) -> dict:

@@ -56,7 +56,10 @@ class Policy:
     name: str = "custom"
 
     def __post_init__(self):
-        fmt = KVFormat.parse(self.cold_format)  # ValueError names an unknown format
+        try:
+            fmt = KVFormat.parse(self.cold_format)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"cold_format: {str(e).removeprefix('format: ')}") from None
         object.__setattr__(self, "cold_format", fmt.name)
         _check(self.block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
         _check(self.hot_format is None or self.hot_format in HOT_FORMATS,
@@ -151,6 +154,11 @@ class Policy:
     def evicts_at(self, t: int) -> bool:
         """h2o may evict after the t-th token (every evict_every tokens, or always)."""
         return self.evict_every is None or t % self.evict_every == 0
+
+    def evicts_during(self, before: int, after: int) -> bool:
+        """An append taking a sequence from ``before`` to ``after`` tokens passes
+        an eviction point."""
+        return self.evict_every is None or after // self.evict_every > before // self.evict_every
 
     def _direct(self) -> bool:
         """Tokens go straight to the cold tier (no hot copy)."""
