@@ -1,47 +1,8 @@
-#include <string>
 #include <vector>
 
 #include "cpu/codec.h"
 
 namespace kvcomp {
-
-namespace {
-
-std::string at(int64_t b, int64_t h, int64_t j) {
-  return "[" + std::to_string(b) + ", " + std::to_string(h) + ", " + std::to_string(j) + "]";
-}
-
-// keep rows: non-negative entries strictly ascending, each (and each
-// destination) inside a block the sequence's table names.
-void check_keep(const Pool& pool, const BlockTables& bt, const int32_t* keep, int64_t k) {
-  const int64_t bs = pool.layout.block_size, cap = bt.max_blocks * bs;
-  auto block_ok = [&](int64_t b, int64_t pos) {
-    int32_t id = bt.ids[b * bt.max_blocks + pos / bs];
-    return id >= 0 && id < pool.num_blocks;
-  };
-  for (int64_t b = 0; b < bt.batch; ++b)
-    for (int64_t h = 0; h < pool.num_heads; ++h) {
-      const int32_t* row = keep + (b * pool.num_heads + h) * k;
-      int64_t n = 0, prev = -1;
-      for (int64_t j = 0; j < k; ++j) {
-        int64_t p = row[j];
-        if (p < 0) continue;
-        if (p <= prev)
-          throw ArgError("keep" + at(b, h, j) + " = " + std::to_string(p) +
-                         ": positions must be strictly ascending");
-        if (p >= cap)
-          throw ArgError("keep" + at(b, h, j) + " = " + std::to_string(p) +
-                         " is beyond the sequence's " + std::to_string(cap) + " slots");
-        if (!block_ok(b, p) || !block_ok(b, n))
-          throw ArgError("block_tables[" + std::to_string(b) + "] names no valid block for keep" +
-                         at(b, h, j) + " (num_blocks = " + std::to_string(pool.num_blocks) + ")");
-        prev = p;
-        ++n;
-      }
-    }
-}
-
-}  // namespace
 
 void compact_cpu(const Pool& pool, const BlockTables& bt, const int32_t* keep, int64_t k) {
   check_keep(pool, bt, keep, k);

@@ -21,8 +21,19 @@ inline int64_t grain_for(int64_t work) {
   return work >= kParallelWork ? 1 : kParallelWork / (work > 0 ? work : 1);
 }
 
+// The data-dependent checks (csrc/cpu/checks.cpp), one implementation each:
+// the CPU kernels call them, the CUDA bindings run them on host copies.
+// slots below num_slots (negative ones skip).
+void check_slots(const int64_t* slots, int64_t n, int64_t num_slots);
+// ids within [0, num_blocks); name is the argument's.
+void check_block_ids(const int32_t* ids, int64_t n, int64_t num_blocks, const char* name);
+// seq_lens within [0, limit]; `what` says what limits them.
+void check_seq_lens(const int32_t* seq_lens, int64_t n, int64_t limit, const char* what);
 // seq_lens within [0, max_blocks * block_size]; the ids of used blocks in range.
 void check_paged(const Pool& pool, const BlockTables& bt, const int32_t* seq_lens);
+// keep rows [batch, num_heads, k]: non-negative entries strictly ascending,
+// each (and each destination) inside a block the sequence's table names.
+void check_keep(const Pool& pool, const BlockTables& bt, const int32_t* keep, int64_t k);
 
 void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t num_tokens,
                         const int64_t* slots, const Pool& pool);

@@ -11,10 +11,7 @@ void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t
   const int hd = L.head_dim, heads = pool.num_heads;
   const int64_t row = (int64_t)heads * hd, num_slots = pool.num_blocks * L.block_size;
   // Validate everything first: a rejected call writes nothing.
-  for (int64_t i = 0; i < num_tokens; ++i)
-    if (slots[i] >= num_slots)
-      throw ArgError("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(slots[i]) +
-                     " is beyond the pool's " + std::to_string(num_slots) + " slots");
+  check_slots(slots, num_tokens, num_slots);
   parallel_for(num_tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> x(row);
     for (int64_t i = begin; i < end; ++i) {

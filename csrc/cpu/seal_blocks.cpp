@@ -5,18 +5,10 @@
 
 namespace kvcomp {
 
-static void check_ids(const int32_t* ids, int64_t n, int64_t num_blocks, const char* name) {
-  for (int64_t i = 0; i < n; ++i)
-    if (ids[i] < 0 || ids[i] >= num_blocks)
-      throw ArgError(std::string(name) + "[" + std::to_string(i) + "] = " +
-                     std::to_string(ids[i]) + " is not a block of the pool (num_blocks = " +
-                     std::to_string(num_blocks) + ")");
-}
-
 void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, const int32_t* dst,
                      int64_t n) {
-  check_ids(src, n, hot.num_blocks, "src_blocks");
-  check_ids(dst, n, cold.num_blocks, "dst_blocks");
+  check_block_ids(src, n, hot.num_blocks, "src_blocks");
+  check_block_ids(dst, n, cold.num_blocks, "dst_blocks");
   const int hd = hot.layout.head_dim, bs = hot.layout.block_size;
   // A hot block holding NaN/Inf is rejected before anything is written.
   parallel_for(n * hot.num_heads, grain_for(2 * bs * hd), [&](int64_t begin, int64_t end) {

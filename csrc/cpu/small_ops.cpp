@@ -37,11 +37,8 @@ void accumulate_scores_cpu(const float* logits, int64_t logits_len, const float*
                            const int32_t* seq_lens, int64_t batch, int64_t num_heads,
                            float* scores, int64_t num_kv_heads, int64_t scores_len) {
   const int64_t group = num_heads / num_kv_heads;
-  for (int64_t b = 0; b < batch; ++b)
-    if (seq_lens[b] < 0 || seq_lens[b] > std::min(logits_len, scores_len))
-      throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
-                     " is outside [0, " + std::to_string(std::min(logits_len, scores_len)) +
-                     "] (the length of logits and scores)");
+  check_seq_lens(seq_lens, batch, std::min(logits_len, scores_len),
+                 "the length of logits and scores");
   parallel_for(batch * num_kv_heads, grain_for(group * scores_len), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       int64_t b = w / num_kv_heads, h = w % num_kv_heads, len = seq_lens[b];
@@ -92,10 +89,8 @@ void radix_select(const uint32_t* keys, int64_t n, int64_t k, uint32_t* threshol
 
 void heavy_hitter_topk_cpu(const float* scores, int64_t rows, int64_t rows_per_batch,
                            int64_t len, const int32_t* seq_lens, int64_t k, int32_t* out) {
-  for (int64_t b = 0; b < rows / std::max<int64_t>(rows_per_batch, 1); ++b)
-    if (seq_lens[b] < 0 || seq_lens[b] > len)
-      throw ArgError("seq_lens[" + std::to_string(b) + "] = " + std::to_string(seq_lens[b]) +
-                     " is outside [0, " + std::to_string(len) + "] (the length of scores)");
+  check_seq_lens(seq_lens, rows / std::max<int64_t>(rows_per_batch, 1), len,
+                 "the length of scores");
   parallel_for(rows, grain_for(len), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys;
     for (int64_t r = begin; r < end; ++r) {

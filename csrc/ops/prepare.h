@@ -2,8 +2,9 @@
 // and the CUDA bindings (csrc/cuda_bind/<op>.cpp): same rules, same messages.
 // prepare_<op> checks shapes, dtypes, devices and formats (no data is read)
 // and returns the contiguous tensors and raw structs the kernels take.
-// validate_* are the data-dependent checks (ids, lengths, positions); they
-// read the index tensors on the host, copying them from the GPU if needed.
+// validate_* are the data-dependent checks (ids, lengths, positions) for the
+// CUDA bindings: csrc/cpu/checks.cpp run on host copies of the index tensors
+// (the CPU kernels call those checks themselves).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -221,10 +221,9 @@ class PagedKVCache:
             if not self._has_cold:
                 hot_need += -(-(st.hot.len + n) // bs) - len(st.hot.blocks)
                 continue
-            total, sealed = st.hot.len + n, n
+            total = st.hot.len + n
+            sealed = p.sealed(total)  # the hot tier starts on a block boundary
             if not self._direct:
-                w = p.hot_window
-                sealed = 0 if total <= w else min(-(-(total - w) // bs), total // bs) * bs
                 hot_need += max(0, -(-min(total, self._hot_cap) // bs) - len(st.hot.blocks))
             cold_len = st.cold.len + sealed
             if p.eviction == "streaming":
@@ -307,13 +306,7 @@ class PagedKVCache:
         the hot tier holds more than hot_window: one seal_blocks call (or, for
         the streaming ring, dequantize + quantize_write)."""
         p, bs = self.policy, self.policy.block_size
-        moves = []
-        for st in states:
-            m = 0
-            while st.hot.len - m * bs > p.hot_window and st.hot.len - m * bs >= bs:
-                m += 1
-            if m:
-                moves.append((st, m))
+        moves = [(st, p.sealed(st.hot.len) // bs) for st in states if p.sealed(st.hot.len)]
         if not moves:
             return
         if p.eviction == "streaming":

@@ -136,8 +136,10 @@ class Policy:
         return n - sealed, sealed
 
     def sealed(self, n: int) -> int:
-        """Tokens that left the hot tier after ``n`` appended tokens: the hot
-        tier seals its oldest full blocks while it holds more than hot_window."""
+        """Tokens a hot tier of ``n`` tokens (from a block boundary) moves to the
+        cold tier: its oldest full blocks, while it holds more than hot_window.
+        Also the tokens sealed after ``n`` appended tokens. PagedKVCache follows
+        this rule."""
         if self._direct():
             return n
         bs, w = self.block_size, self.hot_window
