@@ -133,3 +133,41 @@ def test_kvcomp_registered():
     from transformers import AttentionInterface
     assert "kvcomp" in AttentionInterface._global_mapping
     assert isinstance(KVCompCache(policy=policies.kivi2()), transformers.Cache)
+
+
+def test_h2o_scores_prompt_chunks_like_eager_attention():
+    """H2O's scores after a chunked prompt equal each token's attention weight
+    summed over every prompt query and the query heads of its KV head, read
+    from eager attention of the whole prompt (an independent computation)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids = torch.randint(3, 512, (1, 240), generator=torch.Generator().manual_seed(2))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(ids, output_attentions=True).attentions  # per layer [1, heads, q, kv]
+    model.set_attn_implementation("kvcomp")
+    cache = KVCompCache(policy=policies.h2o(budget=1.0))
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], 80):
+            model(ids[:, s:s + 80], past_key_values=cache, use_cache=True)
+    for layer, weights in zip(cache.layers, attn):
+        c = layer.cache
+        want = weights[0].sum(1).view(c.num_kv_heads, -1, ids.shape[1]).sum(1).double()  # [kv, positions]
+        st = c._seqs[0][0]
+        for tier in (st.hot, st.cold):
+            got = tier.scores.double()
+            assert torch.allclose(got, torch.gather(want, 1, tier.pos), rtol=1e-4, atol=1e-5)
+
+
+def test_h2o_prompt_chunks_end_within_budget():
+    torch.manual_seed(0)
+    model = _llama().eval()
+    model.set_attn_implementation("kvcomp")
+    ids = torch.randint(3, 512, (1, 400), generator=torch.Generator().manual_seed(3))
+    p = policies.h2o(budget=0.25)
+    cache = KVCompCache(policy=p)
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], 100):
+            model(ids[:, s:s + 100], past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                assert layer.cache._seqs[0][0].cold.len <= p.cold_budget(s + 100)

@@ -162,9 +162,13 @@ class PagedKVCache:
             self._cold_alloc[l].give_back(st.cold.blocks)
 
     # --------------------------------------------------------------- append
-    def append(self, layer: int, seq_ids: Sequence, key: torch.Tensor, value: torch.Tensor) -> None:
+    def append(self, layer: int, seq_ids: Sequence, key: torch.Tensor, value: torch.Tensor, *,
+               evict: bool = True) -> None:
         """Appends ``key``/``value`` [len(seq_ids), new_tokens, kv_heads, head_dim]
-        (post-RoPE) to each sequence's cache in ``layer``."""
+        (post-RoPE) to each sequence's cache in ``layer``. ``evict=False``
+        defers H2O's eviction to an :meth:`evict` call, for callers that score
+        a prompt chunk's own attention (:meth:`add_scores`) first: a chunk's
+        tokens enter with no score and would otherwise be the first to go."""
         states = self._states(layer, seq_ids)
         n = key.shape[1] if isinstance(key, torch.Tensor) and key.dim() == 4 else -1
         want = (len(states), n, self.num_kv_heads, self.head_dim)
@@ -190,7 +194,7 @@ class PagedKVCache:
                 self._write_hot(layer, states, key[:, t:t + m], value[:, t:t + m])
                 self._seal(layer, states)
                 t += m
-        if self.policy.eviction == "h2o":
+        if self.policy.eviction == "h2o" and evict:
             for st, seen in zip(states, before):
                 budget = self.policy.cold_budget(st.seen)
                 if self.policy.evicts_during(seen, st.seen) and st.cold.len > budget:
@@ -214,6 +218,17 @@ class PagedKVCache:
         return pos
 
     def _reserve(self, layer: int, states, n: int) -> None:
+    def evict(self, layer: int, seq_ids: Sequence) -> None:
+        """H2O: evicts each sequence's cold tier down to its budget now (after
+        ``append(..., evict=False)``); a no-op for other policies."""
+        states = self._states(layer, seq_ids)
+        if self.policy.eviction != "h2o":
+            return
+        for st in states:
+            budget = self.policy.cold_budget(st.seen)
+            if st.cold.len > budget:
+                self._evict(layer, st, budget)
+
         """Raises CacheFullError, before any write, if the append cannot fit."""
         p, bs = self.policy, self.policy.block_size
         hot_need = cold_need = 0
@@ -448,6 +463,21 @@ class PagedKVCache:
                     continue
                 keep = self._survivors(tier, ~hit)
                 pool = (self.hot_pools if name == "hot" else self.cold_pools)[layer]
+    def add_scores(self, layer: int, seq_id, by_position: torch.Tensor) -> None:
+        """Adds attention weight computed outside :meth:`attend` (e.g. by a
+        prompt chunk's own attention) to the heavy-hitter scores of H2O:
+        ``by_position`` [kv_heads, seq_len] holds each position's weight;
+        held tokens receive theirs, evicted ones are ignored."""
+        st = self._state(seq_id, layer)
+        if self.policy.eviction != "h2o":
+            raise ValueError(f"add_scores needs an eviction='h2o' policy, not {self.policy.eviction!r}")
+        if tuple(by_position.shape) != (self.num_kv_heads, st.seen):
+            raise ValueError(f"by_position must be [{self.num_kv_heads}, {st.seen}] (kv_heads, seq_len), "
+                             f"got {tuple(by_position.shape)}")
+        w = by_position.to(self._scores_device, torch.float32)
+        for t in (st.hot, st.cold):
+            t.scores = t.scores + torch.gather(w, 1, t.pos.to(w.device))
+
                 fmt = self.hot_format if name == "hot" else self.cold_format
                 alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[layer]
                 self._compact(layer, tier, keep, pool, fmt, alloc)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import memory_bench, ops_bench
+from . import accuracy, memory_bench, ops_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description=memory_bench.__doc__)
     memory_bench.add_arguments(mem_p)
     mem_p.set_defaults(run=memory_bench.run)
+    acc_p = sub.add_parser("accuracy", parents=[common], help="pass-key, perplexity and fidelity per policy "
+                           "on a real model", description=accuracy.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    accuracy.add_arguments(acc_p)
+    acc_p.set_defaults(run=accuracy.run)
     return parser
 
 

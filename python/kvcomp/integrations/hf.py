@@ -38,8 +38,9 @@ class _Tagged:
     """What ``update`` hands the attention function beside K/V (as a tensor
     attribute, since transformers passes only tensors along)."""
 
-    def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int):
+    def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int, positions: Optional[list]):
         self.layer, self.held, self.new_tokens = layer, held, new_tokens
+        self.positions = positions  # per row: [kv_heads, held] positions of the dequantized columns
 
 
 class KVCompLayer(CacheLayerMixin):
@@ -55,6 +56,7 @@ class KVCompLayer(CacheLayerMixin):
         self.owner = owner
         self.cache: Optional[PagedKVCache] = None
         self.native = False  # set once "kvcomp" attention has run: decode skips the dequantized copy
+        self.pending_evict = False  # an H2O prompt chunk awaits its scores before eviction
 
     # transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -76,13 +78,19 @@ class KVCompLayer(CacheLayerMixin):
         decode_native = self.native and q == 1
         held = self.held_counts()
         prev = None if decode_native else self.dequantized()
-        self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2))
+        if self.pending_evict:
+            self.cache.evict(0, rows)
+        # H2O evicts a prompt chunk only once its own attention is scored: in
+        # kvcomp_attention, or (other attention functions) before the next update.
+        self.pending_evict = q > 1 and self.cache.policy.eviction == "h2o"
+        self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2),
+                          evict=not self.pending_evict)
         if decode_native:
             k, v = key_states, value_states
         else:
             k = torch.cat([prev[0].to(key_states.dtype), key_states], 2)
             v = torch.cat([prev[1].to(value_states.dtype), value_states], 2)
-        k._kvcomp = _Tagged(self, held, q)
+        k._kvcomp = _Tagged(self, held, q, None if prev is None else prev[2])
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -98,7 +106,7 @@ class KVCompLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.cache, self.native, self.is_initialized = None, False, False
+        self.cache, self.native, self.is_initialized, self.pending_evict = None, False, False, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("KVCompCache does not support beam search (reorder_cache)")
@@ -113,14 +121,16 @@ class KVCompLayer(CacheLayerMixin):
     def held_counts(self) -> torch.Tensor:
         return torch.tensor([self.cache.held(i) for i in range(self.batch_size)])
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Held tokens of every row, dequantized, in position order and
-        right-aligned: ([batch, kv_heads, max_held, head_dim] K, V; fp32)."""
+        right-aligned: ([batch, kv_heads, max_held, head_dim] K, V; fp32),
+        and per row the sorted positions [kv_heads, held] of those columns."""
         c, b = self.cache, self.batch_size
         n = int(self.held_counts().max()) if b else 0
         h, d = c.num_kv_heads, c.head_dim
         K = torch.zeros(b, h, n, d, device=c.device)
         V = torch.zeros_like(K)
+        positions = [torch.empty(h, 0, dtype=torch.long) for _ in range(b)]
         for i in range(b):
             parts, pos = [], []
             for tier, pool, fmt in (("hot", c.hot_pools[0], c.hot_format), ("cold", c.cold_pools[0], c.cold_format)):
@@ -132,11 +142,12 @@ class KVCompLayer(CacheLayerMixin):
                 continue
             k = torch.cat([p[0] for p in parts]).transpose(0, 1)  # [h, held, d]
             v = torch.cat([p[1] for p in parts]).transpose(0, 1)
-            order = torch.cat(pos, 1).argsort(1).to(c.device)
+            positions[i], order = torch.cat(pos, 1).sort(1)
+            order = order.to(c.device)
             m = k.shape[1]
             K[i, :, n - m:] = torch.gather(k, 1, order[..., None].expand(-1, -1, d))
             V[i, :, n - m:] = torch.gather(v, 1, order[..., None].expand(-1, -1, d))
-        return K, V
+        return K, V, positions
 
 
 class KVCompCache(Cache):
@@ -180,6 +191,10 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     mask = _prefill_mask(tag, attention_mask, key.shape[2], q, query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
                                     is_causal=False, **kwargs)
+    if layer.pending_evict:
+        _accumulate_prefill_scores(tag, query, key, mask, scale)
+        layer.cache.evict(0, list(range(b)))
+        layer.pending_evict = False
     _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
@@ -199,6 +214,30 @@ def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> 
         chunk = am if am.dtype == torch.bool else am == 0
     mask[..., prev:] = chunk
     return mask
+
+
+def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
+                               scale: float) -> None:
+    """H2O counts attention from prompt chunks too (as the paper does): adds
+    each held token's softmax weight, summed over the chunk's queries and the
+    query heads of its KV head, to its score. Columns are the dequantized held
+    tokens (positions in ``tag.positions``) then the chunk's own tokens."""
+    c = tag.layer.cache
+    b, heads, q, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    k = key.float().repeat_interleave(heads // kv_heads, 1)
+    logits = (query.float() @ k.transpose(-1, -2)) * scale
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num_(0.0)
+    weight = probs.sum(2).view(b, kv_heads, heads // kv_heads, kv_len).sum(2).to(c.device)  # [b, kv, cols]
+    prev = kv_len - q
+    for i in range(b):
+        seen = c.seq_len(i)
+        held_pos = tag.positions[i].to(c.device)
+        by_pos = torch.zeros(kv_heads, seen, device=c.device)
+        m = held_pos.shape[1]
+        by_pos.scatter_(1, held_pos, weight[i, :, prev - m:prev])
+        by_pos[:, seen - q:] = weight[i, :, prev:]
+        c.add_scores(0, i, by_pos)
 
 
 def _forget_padding(layer: KVCompLayer, last_row: torch.Tensor, q: int) -> None:

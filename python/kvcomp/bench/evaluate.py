@@ -1,0 +1,150 @@
+"""The measurements behind ``kvcomp-bench accuracy``, for one causal LM and
+one cache factory (a fresh cache per run): pass-key retrieval by greedy
+decoding, and a teacher-forced decode giving perplexity, next-token top-1
+and each layer's attention output. Prompts are prefilled in chunks, so later
+chunks and every decode step read the compressed cache: compression acts on
+the answer, not only on the tokens after it."""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# The classic pass-key task (Mohtashami & Jaggi, 2023).
+INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about the pass key.\n\n")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass
+class NeedleCase:
+    length: int
+    depth: float
+    key: str
+    ids: torch.Tensor  # [1, length]
+
+
+class Filler:
+    """Filler tokens: the repeated classic sentences, or windows of a text."""
+
+    def __init__(self, tokenizer, text: Optional[str]):
+        self.tokens = _encode(tokenizer, text if text is not None else FILLER)
+        self.repeat = text is None
+
+    def take(self, n: int, rng: random.Random) -> list[int]:
+        if self.repeat:
+            return (self.tokens * (n // len(self.tokens) + 1))[:n]
+        if n > len(self.tokens):
+            raise ValueError(f"--text holds {len(self.tokens)} tokens, fewer than the {n} a prompt needs")
+        start = rng.randrange(len(self.tokens) - n + 1)
+        return self.tokens[start:start + n]
+
+
+def needle_case(tokenizer, filler: Filler, length: int, depth: float, rng: random.Random) -> NeedleCase:
+    """A prompt of exactly ``length`` tokens with a 5-digit key at ``depth``
+    (0 = right after the instructions, 1 = right before the question)."""
+    key = str(rng.randrange(10000, 100000))
+    intro = tokenizer(INTRO).input_ids  # with the model's special tokens, if any
+    needle = _encode(tokenizer, NEEDLE.format(key=key))
+    question = _encode(tokenizer, QUESTION)
+    n_fill = length - len(intro) - len(needle) - len(question)
+    if n_fill < 0:
+        raise ValueError(f"length {length} is too short for the pass-key prompt "
+                         f"(needs > {length - n_fill} tokens)")
+    fill = filler.take(n_fill, rng)
+    at = round(depth * n_fill)
+    ids = intro + fill[:at] + needle + fill[at:] + question
+    return NeedleCase(length, depth, key, torch.tensor([ids]))
+
+
+def answer_of(text: str) -> Optional[str]:
+    """The first number in the model's answer."""
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feeds ids [1, n] through the cache in chunks; the last logits [vocab]."""
+    for s in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int) -> list[int]:
+    logits = prefill(model, ids, cache, chunk)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    tokens: list[int] = []
+    for _ in range(max_new):
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] in eos or len(tokens) == max_new:
+            break
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                       use_cache=True).logits[0, -1].float()
+    return tokens
+
+
+@dataclass
+class TeacherForced:
+    nll: torch.Tensor  # [n] float64: -log p(token) of each scored token
+    top1: torch.Tensor  # [n] int64: argmax of the logits that predicted it
+    attn: torch.Tensor  # [n - 1, layers, hidden]: each layer's attention output at each decode step
+
+
+@torch.inference_mode()
+def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
+                   progress: Optional[Callable[[], None]] = None) -> TeacherForced:
+    """Prefills ids[:, :prefix] and decodes the rest one token at a time,
+    always feeding the true token; scores tokens prefix..n-1."""
+    captured: list[torch.Tensor] = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: captured.append(out[0][0, -1].float()))
+             for layer in _decoder_layers(model)]
+    try:
+        logits = prefill(model, ids[:, :prefix], cache, chunk)
+        captured.clear()
+        nll, top1 = [], []
+        for t in range(prefix, ids.shape[1]):
+            nll.append(-torch.log_softmax(logits.double(), -1)[ids[0, t]])
+            top1.append(logits.argmax())
+            if t + 1 < ids.shape[1]:
+                logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+            if progress:
+                progress()
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = len(hooks)
+    attn = torch.stack(captured).view(-1, layers, captured[0].shape[-1]) if captured else torch.empty(0)
+    return TeacherForced(torch.stack(nll), torch.stack(top1), attn)
+
+
+def fidelity(run: TeacherForced, ref: TeacherForced) -> dict:
+    """Perplexity, next-token top-1 agreement and attention-output relative
+    error (mean over decode steps, per layer) against the reference run."""
+    rel = (run.attn - ref.attn).norm(dim=-1) / ref.attn.norm(dim=-1).clamp_min(1e-30)
+    per_layer = rel.mean(0)
+    return {
+        "perplexity": float(run.nll.mean().exp()),
+        "perplexity_ratio": float((run.nll.mean() - ref.nll.mean()).exp()),
+        "top1_agreement": float((run.top1 == ref.top1).double().mean()),
+        "attn_rel_err": float(per_layer.mean()),
+        "attn_rel_err_per_layer": [float(x) for x in per_layer],
+    }
+
+
+def _decoder_layers(model) -> list:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(l, "self_attn") for l in layers):
+        raise ValueError(f"{type(model).__name__} has no model.layers[i].self_attn to observe")
+    return list(layers)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
