@@ -202,9 +202,16 @@ def _maybe(fmt):
 
 @contextlib.contextmanager
 def _progress(total: int):
-    """A progress bar on stderr (rich), or nothing when stderr is not a terminal."""
+    """A progress bar on stderr (rich), or a line per 5% when stderr is not a terminal (logs)."""
     if not sys.stderr.isatty():
-        yield lambda: None
+        done, start = [0], time.perf_counter()
+
+        def advance():
+            done[0] += 1
+            if done[0] * 20 // total > (done[0] - 1) * 20 // total:
+                print(f"accuracy: {done[0]}/{total} steps, {time.perf_counter() - start:.0f} s",
+                      file=sys.stderr, flush=True)
+        yield advance
         return
     from rich.progress import Progress
     with Progress(transient=True) as bar:
