@@ -200,6 +200,17 @@ class PagedKVCache:
                 if self.policy.evicts_during(seen, st.seen) and st.cold.len > budget:
                     self._evict(layer, st, budget)
 
+    def evict(self, layer: int, seq_ids: Sequence) -> None:
+        """H2O: evicts each sequence's cold tier down to its budget now (after
+        ``append(..., evict=False)``); a no-op for other policies."""
+        states = self._states(layer, seq_ids)
+        if self.policy.eviction != "h2o":
+            return
+        for st in states:
+            budget = self.policy.cold_budget(st.seen)
+            if st.cold.len > budget:
+                self._evict(layer, st, budget)
+
     def _check_storable(self, t: torch.Tensor, name: str) -> None:
         """The ops reject these too, but only after the bookkeeping moved on:
         checked first so a rejected append changes nothing."""
@@ -218,17 +229,6 @@ class PagedKVCache:
         return pos
 
     def _reserve(self, layer: int, states, n: int) -> None:
-    def evict(self, layer: int, seq_ids: Sequence) -> None:
-        """H2O: evicts each sequence's cold tier down to its budget now (after
-        ``append(..., evict=False)``); a no-op for other policies."""
-        states = self._states(layer, seq_ids)
-        if self.policy.eviction != "h2o":
-            return
-        for st in states:
-            budget = self.policy.cold_budget(st.seen)
-            if st.cold.len > budget:
-                self._evict(layer, st, budget)
-
         """Raises CacheFullError, before any write, if the append cannot fit."""
         p, bs = self.policy, self.policy.block_size
         hot_need = cold_need = 0
@@ -445,6 +445,21 @@ class PagedKVCache:
         for i, t in enumerate(tiers):
             t.scores = scores[i, :, :t.len].clone()
 
+    def add_scores(self, layer: int, seq_id, by_position: torch.Tensor) -> None:
+        """Adds attention weight computed outside :meth:`attend` (e.g. by a
+        prompt chunk's own attention) to the heavy-hitter scores of H2O:
+        ``by_position`` [kv_heads, seq_len] holds each position's weight;
+        held tokens receive theirs, evicted ones are ignored."""
+        st = self._state(seq_id, layer)
+        if self.policy.eviction != "h2o":
+            raise ValueError(f"add_scores needs an eviction='h2o' policy, not {self.policy.eviction!r}")
+        if tuple(by_position.shape) != (self.num_kv_heads, st.seen):
+            raise ValueError(f"by_position must be [{self.num_kv_heads}, {st.seen}] (kv_heads, seq_len), "
+                             f"got {tuple(by_position.shape)}")
+        w = by_position.to(self._scores_device, torch.float32)
+        for t in (st.hot, st.cold):
+            t.scores = t.scores + torch.gather(w, 1, t.pos.to(w.device))
+
     # -------------------------------------------------------------- forget
     def forget(self, seq_id, start: int, end: int) -> None:
         """Erases positions [start, end) of ``seq_id`` for good, in every layer
@@ -463,21 +478,6 @@ class PagedKVCache:
                     continue
                 keep = self._survivors(tier, ~hit)
                 pool = (self.hot_pools if name == "hot" else self.cold_pools)[layer]
-    def add_scores(self, layer: int, seq_id, by_position: torch.Tensor) -> None:
-        """Adds attention weight computed outside :meth:`attend` (e.g. by a
-        prompt chunk's own attention) to the heavy-hitter scores of H2O:
-        ``by_position`` [kv_heads, seq_len] holds each position's weight;
-        held tokens receive theirs, evicted ones are ignored."""
-        st = self._state(seq_id, layer)
-        if self.policy.eviction != "h2o":
-            raise ValueError(f"add_scores needs an eviction='h2o' policy, not {self.policy.eviction!r}")
-        if tuple(by_position.shape) != (self.num_kv_heads, st.seen):
-            raise ValueError(f"by_position must be [{self.num_kv_heads}, {st.seen}] (kv_heads, seq_len), "
-                             f"got {tuple(by_position.shape)}")
-        w = by_position.to(self._scores_device, torch.float32)
-        for t in (st.hot, st.cold):
-            t.scores = t.scores + torch.gather(w, 1, t.pos.to(w.device))
-
                 fmt = self.hot_format if name == "hot" else self.cold_format
                 alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[layer]
                 self._compact(layer, tier, keep, pool, fmt, alloc)
