@@ -228,7 +228,7 @@ def _names(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [n for n in names if n not in presets.PRESETS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(bad) or text!r}: "
+        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(map(repr, bad or [text]))}: "
                                          f"choose from {', '.join(presets.PRESETS)}")
     return names
 

@@ -1,0 +1,133 @@
+"""kvcomp-bench accuracy on a tiny random Llama with a tokenizer trained here
+(no download): the CLI runs in --quick mode, its JSON has the documented
+schema and the uncompressed-equivalent policy reproduces the reference
+exactly; bad arguments exit with code 2 and say why."""
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from kvcomp.bench import cli  # noqa: E402
+from kvcomp.bench import evaluate as ev  # noqa: E402
+
+WORDS = "the a house river garden letter morning walked said quietly over under light dark".split()
+POLICY_KEYS = {"policy", "spec", "bytes_per_token", "fraction_of_fp16", "needle_accuracy",
+               "needle_accuracy_vs_uncompressed", "needle_accuracy_by_length", "needle_grid",
+               "same_answers_as_uncompressed", "perplexity", "perplexity_ratio", "top1_agreement",
+               "attn_rel_err", "attn_rel_err_per_layer"}
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    rng = random.Random(0)
+    sentences = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                 for _ in range(800))
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, text):
+    """A 2-layer Llama (head_dim 64, GQA 2/1) and a small byte-level BPE."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    extra = [ev.INTRO, ev.NEEDLE.format(key="0123456789"), ev.QUESTION, ev.FILLER]
+    bpe.train_from_iterator([text.read_text()] + extra, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_quick_run_schema_and_exactness(tiny_model, text, tmp_path):
+    out, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--policies", "full,int8,h2o,streaming_llm",
+                   "--text", str(text), "--json", str(out), "--plot", str(png), "--plain"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["geometry"] == {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64}
+    assert data["fp16_bytes_per_token"] == 2 * 2 * 2 * 64
+    assert data["lengths"] == [256, 512] and data["depths"] == [0.0, 0.5, 1.0]
+    assert len(data["needle_cases"]) == 6
+    for case in data["needle_cases"]:
+        assert set(case["answers"]) == {"uncompressed", "full", "int8", "h2o", "streaming_llm"}
+        assert len(case["key"]) == 5 and case["key"].isdigit()
+    pols = {p["policy"]: p for p in data["policies"]}
+    assert list(pols) == ["uncompressed", "full", "int8", "h2o", "streaming_llm"]
+    for p in pols.values():
+        assert POLICY_KEYS <= set(p)
+        assert len(p["needle_grid"]) == 2 and all(len(r) == 3 for r in p["needle_grid"])
+        assert 0 <= p["needle_accuracy"] <= 1 and 0 <= p["top1_agreement"] <= 1
+        assert len(p["attn_rel_err_per_layer"]) == 2
+    # Uncompressed-equivalent: same greedy answers and the same teacher-forced run.
+    full = pols["full"]
+    assert full["same_answers_as_uncompressed"] == 1.0
+    assert full["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert full["top1_agreement"] == 1.0 and full["attn_rel_err"] < 1e-5
+    assert full["fraction_of_fp16"] == {"256": 1.0, "512": 1.0}
+    # Compression shows: int8 is close but not exact; h2o holds a fifth of the cache.
+    assert 1e-5 < pols["int8"]["attn_rel_err"] < 0.05
+    assert pols["h2o"]["fraction_of_fp16"]["512"] < 0.35
+    assert pols["h2o"]["attn_rel_err"] > pols["int8"]["attn_rel_err"]
+    assert png.stat().st_size > 0 and (tmp_path / "acc-needle.png").stat().st_size > 0
+
+
+def test_needle_case_has_exact_length_and_key():
+    class Chars:  # a character-level tokenizer: one id per character
+        def __call__(self, text, add_special_tokens=True):
+            return type("E", (), {"input_ids": [ord(c) for c in text]})()
+
+    tok, rng = Chars(), random.Random(1)
+    for depth in (0.0, 0.3, 1.0):
+        case = ev.needle_case(tok, ev.Filler(tok, None), 600, depth, rng)
+        text = "".join(map(chr, case.ids[0].tolist()))
+        assert case.ids.shape == (1, 600)
+        assert text.startswith(ev.INTRO) and text.endswith(ev.QUESTION)
+        at = text.index(ev.NEEDLE.format(key=case.key)) - len(ev.INTRO)
+        fill = 600 - len(ev.INTRO) - len(ev.NEEDLE.format(key=case.key)) - len(ev.QUESTION)
+        assert at == round(depth * fill)
+    with pytest.raises(ValueError, match="too short"):
+        ev.needle_case(tok, ev.Filler(tok, None), 100, 0.5, rng)
+    assert ev.answer_of(" 12345.\n") == "12345" and ev.answer_of(" no key") is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "full,nope"], "unknown policy 'nope'"),
+    (["--depths", "0.5,1.5"], "depths in [0, 1]"),
+    (["--lengths", "0"], "positive ints"),
+    (["--trials", "-1"], "positive int"),
+])
+def test_bad_arguments_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["accuracy", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_errors_found_after_parsing_exit_2(tiny_model, text, tmp_path, capsys):
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    cases = [
+        (["--model", str(tmp_path / "missing")], "not a folder with a config.json"),
+        (["--model", str(vit)], "is not a causal LM"),
+        (["--model", str(tiny_model), "--quick", "--lengths", "40"], "too short"),
+        (["--model", str(tiny_model), "--quick", "--ppl-context", "64", "--ppl-tokens", "64"], "below --ppl-context"),
+        (["--model", str(tiny_model), "--quick", "--text", str(tmp_path / "none.txt")], "--text"),
+    ]
+    for args, message in cases:
+        assert cli.main(["accuracy", *args, "--plain"]) == 2, args
+        assert message in capsys.readouterr().err, args
