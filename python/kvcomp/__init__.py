@@ -12,9 +12,10 @@ from .formats import KVFormat, allocate_pool
 from .policy import Policy
 from . import policies
 from .cache import CacheFullError, PagedKVCache
+from .kvc_file import KVCFileError
 
 __version__ = "0.1.0"
 LAYOUT_VERSION = _C.LAYOUT_VERSION
 
 __all__ = ["KVFormat", "allocate_pool", "ops", "Policy", "policies", "PagedKVCache", "CacheFullError",
-           "LAYOUT_VERSION", "__version__"]
+           "KVCFileError", "LAYOUT_VERSION", "__version__"]

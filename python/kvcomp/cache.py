@@ -30,21 +30,37 @@ class CacheFullError(RuntimeError):
 
 
 class _Allocator:
-    """Free list of one pool's blocks. Freed blocks are zeroed at once, so no
-    byte of a freed sequence survives into another (wipe on free)."""
+    """Free list of one pool's blocks. Freed blocks are zeroed at once
+    (``wipe="on_free"``) or when handed out again (``"on_reuse"``, the
+    ``dirty`` ones); either way no byte of a freed sequence reaches another."""
 
-    def __init__(self, pool: torch.Tensor):
-        self.pool = pool
+    def __init__(self, pool: torch.Tensor, wipe: str):
+        self.pool, self.wipe = pool, wipe
         self.free_ids = list(range(pool.shape[0] - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self.dirty: set[int] = set()  # free blocks not zeroed yet
 
     def take(self, n: int) -> list[int]:
         assert n <= len(self.free_ids)
-        return [self.free_ids.pop() for _ in range(n)]
+        ids = [self.free_ids.pop() for _ in range(n)]
+        self._zero(self.dirty.intersection(ids))
+        self.dirty.difference_update(ids)
+        return ids
 
     def give_back(self, ids: Sequence[int]) -> None:
+        if self.wipe == "on_free":
+            self._zero(ids)
+        else:
+            self.dirty.update(ids)
+        self.free_ids.extend(reversed(ids))
+
+    def scrub(self) -> None:
+        """Zeroes every free block not zeroed yet."""
+        self._zero(self.dirty)
+        self.dirty.clear()
+
+    def _zero(self, ids) -> None:
         if ids:
-            self.pool[torch.tensor(list(ids), dtype=torch.long, device=self.pool.device)] = 0
-            self.free_ids.extend(reversed(ids))
+            self.pool[torch.tensor(sorted(ids), dtype=torch.long, device=self.pool.device)] = 0
 
     @property
     def used(self) -> int:
@@ -110,6 +126,7 @@ class PagedKVCache:
         p, bs = self.policy, self.policy.block_size
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.hot_format = p.resolved_hot_format(dtype)
         self.cold_format = p.cold_format
         KVFormat.parse(self.cold_format).tile_bytes(head_dim, bs)  # ValueError: head_dim unsupported
@@ -123,8 +140,8 @@ class PagedKVCache:
         make = lambda n, fmt: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device)
         self.hot_pools = [make(hot_blocks, self.hot_format) for _ in range(num_layers)]
         self.cold_pools = [make(cold_blocks, self.cold_format) for _ in range(num_layers)]
-        self._hot_alloc = [_Allocator(t) for t in self.hot_pools]
-        self._cold_alloc = [_Allocator(t) for t in self.cold_pools]
+        self._hot_alloc = [_Allocator(t, p.wipe) for t in self.hot_pools]
+        self._cold_alloc = [_Allocator(t, p.wipe) for t in self.cold_pools]
         self._scores_device = self.device if p.eviction == "h2o" else None
         self._seqs: dict = {}
 
@@ -155,7 +172,8 @@ class PagedKVCache:
         return st.hot.pos.clone(), st.cold.pos.clone()
 
     def free(self, seq_id) -> None:
-        """Returns every block of ``seq_id`` (zeroed) and forgets the sequence."""
+        """Returns every block of ``seq_id`` (zeroed per ``policy.wipe``) and
+        forgets the sequence."""
         layers = self._seqs.pop(self._known(seq_id))
         for l, st in enumerate(layers):
             self._hot_alloc[l].give_back(st.hot.blocks)
@@ -466,7 +484,10 @@ class PagedKVCache:
         and tier: the tokens stop attending and their bytes (codes, scales,
         scores) are overwritten. After H2O eviction KV heads may hold different
         positions; heads left with more tokens than others also drop their
-        lowest-scoring extras, since all heads of a sequence share one length."""
+        lowest-scoring extras, since all heads of a sequence share one length.
+        Under ``wipe="on_reuse"`` the free blocks not zeroed yet are zeroed
+        too: they may hold stale copies of the span (a hot block after its
+        seal, an evicted block)."""
         self._known(seq_id)
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
             raise ValueError(f"forget needs 0 <= start <= end, got start={start!r}, end={end!r}")
@@ -482,6 +503,8 @@ class PagedKVCache:
                 alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[layer]
                 self._compact(layer, tier, keep, pool, fmt, alloc)
             self._requeue_cold_tail(layer, st)
+        for alloc in self._hot_alloc + self._cold_alloc:
+            alloc.scrub()
 
     @staticmethod
     def _survivors(tier: _Tier, alive: torch.Tensor) -> torch.Tensor:
@@ -530,6 +553,25 @@ class PagedKVCache:
             "capacity_bytes": sum(p.numel() for p in self.hot_pools + self.cold_pools),
             "policy": self.policy.name, "hot_format": self.hot_format, "cold_format": self.cold_format,
         }
+
+    # ----------------------------------------------------------- save/load
+    def save(self, path, seq_ids: Optional[Sequence] = None) -> None:
+        """Writes the cache, or only ``seq_ids`` (str or int ids), to a ``.kvc``
+        file: the blocks in use as they are, atomically (docs/format.md)."""
+        from .kvc_file import save_cache
+        save_cache(self, path, seq_ids)
+
+    @classmethod
+    def load(cls, path, device: "torch.device | str" = "cpu", *, num_layers: Optional[int] = None,
+             num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+             dtype: Optional[torch.dtype] = None) -> "PagedKVCache":
+        """A new cache on ``device`` from a ``.kvc`` file. Raises
+        :class:`kvcomp.KVCFileError` for a file that is not one, is truncated
+        or corrupted, has another format version, or (when given) another
+        ``num_layers``/``num_kv_heads``/``head_dim``/``dtype``."""
+        from .kvc_file import load_cache
+        return load_cache(path, device, dict(num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                             head_dim=head_dim, dtype=dtype))
 
     # ------------------------------------------------------------- helpers
     def _known(self, seq_id):

@@ -18,6 +18,7 @@ from .formats import KVFormat
 EVICTIONS = (None, "h2o", "streaming")
 BLOCK_SIZES = (16, 32, 64, 128)
 HOT_FORMATS = ("fp16", "bf16", "fp32")
+WIPES = ("on_free", "on_reuse")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Policy:
       the cache's dtype.
     - ``evict_every``: h2o evicts every this many appended tokens; ``None``
       evicts as soon as a seal takes the cold tier over its budget.
+    - ``wipe``: when blocks given back (by ``free``, eviction, sealing, the
+      streaming ring) are zeroed: ``"on_free"`` at once, so no freed byte
+      stays in memory; ``"on_reuse"`` only when handed out again, so freeing
+      is cheaper but freed data lingers in free blocks until then. Either way
+      no sequence ever sees another's bytes, and ``forget`` erases at once.
     """
 
     cold_format: str = "int4"
@@ -53,6 +59,7 @@ class Policy:
     window: Optional[int] = None
     hot_format: Optional[str] = None
     evict_every: Optional[int] = None
+    wipe: str = "on_free"
     name: str = "custom"
 
     def __post_init__(self):
@@ -70,6 +77,7 @@ class Policy:
         _check(self.eviction in EVICTIONS, f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         _check(self.evict_every is None or (_is_int(self.evict_every) and self.evict_every > 0),
                f"evict_every must be None or an int > 0, got {self.evict_every!r}")
+        _check(self.wipe in WIPES, f"wipe must be one of {WIPES}, got {self.wipe!r}")
         if self.eviction is not None:
             _check(self.hot_window is not None,
                    f"eviction={self.eviction!r} needs a cold tier: hot_window must not be None")

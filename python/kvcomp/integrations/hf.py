@@ -19,6 +19,7 @@ lives here: the cache API changes between releases (tested: 5.x).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -149,6 +150,13 @@ class KVCompLayer(CacheLayerMixin):
             V[i, :, n - m:] = torch.gather(v, 1, order[..., None].expand(-1, -1, d))
         return K, V, positions
 
+    def restore(self, cache: PagedKVCache, native: bool, pending_evict: bool) -> None:
+        """Takes over a loaded single-layer cache whose sequences are rows 0..batch-1."""
+        self.cache, self.native, self.pending_evict = cache, native, pending_evict
+        self.batch_size = len(cache.sequences)
+        self.dtype, self.device = cache.dtype, cache.device
+        self.is_initialized = True
+
 
 class KVCompCache(Cache):
     """A transformers ``Cache`` storing K/V per a :class:`kvcomp.Policy`.
@@ -172,6 +180,52 @@ class KVCompCache(Cache):
         return {"tokens": tokens, "bytes": used, "bytes_per_token": used / tokens if tokens else 0.0,
                 "layers": len(parts), "hot_tokens": parts[0]["hot_tokens"], "cold_tokens": parts[0]["cold_tokens"],
                 "seen_tokens": parts[0]["seen_tokens"] // max(parts[0]["sequences"], 1)}
+
+    def save(self, path) -> None:
+        """Writes every layer's cache, the policy, ``max_tokens`` and each
+        layer's batch size and flags to one ``.kvc`` file, atomically
+        (docs/format.md). :meth:`load` continues where this left off."""
+        from ..kvc_file import cache_entry, write
+        layers, tensors = [], {}
+        for i, layer in enumerate(self.layers):
+            entry = None
+            if layer.is_initialized:
+                entry, t = cache_entry(layer.cache, prefix=f"layers.{i}.")
+                tensors.update(t)
+            layers.append({"batch_size": layer.batch_size if layer.is_initialized else 0, "native": layer.native,
+                           "pending_evict": layer.pending_evict, "cache": entry})
+        write(path, "hf.KVCompCache", {"policy": dataclasses.asdict(self.policy), "max_tokens": self.max_tokens,
+                                       "layers": layers}, tensors)
+
+    @classmethod
+    def load(cls, path, device: "torch.device | str" = "cpu", config=None) -> "KVCompCache":
+        """A KVCompCache on ``device`` from a file :meth:`save` wrote. With the
+        model's ``config``, its layer count, KV heads and head_dim must match
+        the file's; :class:`kvcomp.KVCFileError` otherwise, as for a file that
+        is not one, truncated, corrupted or of another format version."""
+        from ..kvc_file import KVCFileError, cache_from, malformed, read
+        header, tensors = read(path, "hf.KVCompCache")
+        with malformed(path):
+            out = cls(policy=Policy(**header["policy"]), max_tokens=header["max_tokens"])
+            expect = None
+            if config is not None:
+                cfg = config.get_text_config()
+                if len(header["layers"]) != cfg.num_hidden_layers:
+                    raise KVCFileError(f"{path}: the cache has {len(header['layers'])} layers, the model "
+                                       f"{cfg.num_hidden_layers}")
+                heads = cfg.num_attention_heads
+                expect = {"num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+                          "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads}
+            for i, e in enumerate(header["layers"]):
+                layer = KVCompLayer(out)
+                if e["cache"] is not None:
+                    c = cache_from(e["cache"], tensors, f"layers.{i}.", device, path, expect)
+                    if c.sequences != list(range(e["batch_size"])):
+                        raise KVCFileError(f"{path}: layer {i} holds sequences {c.sequences}, not the "
+                                           f"{e['batch_size']} batch rows")
+                    layer.restore(c, e["native"], e["pending_evict"])
+                out.layers.append(layer)
+        return out
 
 
 def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
