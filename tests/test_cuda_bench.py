@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from kvcomp.bench import cli, report
+from kvcomp.bench import cli, plots, report
 
-TINY_SWEEP = ["--sweep", "--sweep-batches", "1,2", "--sweep-contexts", "256,272", "--topk-contexts", "512",
+TINY_SWEEP = ["--sweep", "--batch", "1,2", "--context", "256,272", "--topk-contexts", "512",
               "--topk-k", "32", "--formats", "fp16,int4,kivi2", "--heads", "4", "--kv-heads", "2",
               "--head-dim", "64", "--repeats", "2", "--warmup", "1", "--bandwidth-mib", "64",
               "--write-tokens", "128", "--no-flush", "--plain"]
-TOP_KEYS = {"device", "torch", "commit", "copy_bandwidth_gbps", "decode", "sdpa", "skipped", "quantize_write",
-            "topk", "config"}
+TOP_KEYS = {"device", "torch", "commit", "copy_bandwidth_gbps", "decode", "sdpa", "baselines",
+            "baselines_unavailable", "skipped", "quantize_write", "seal_blocks", "topk", "config"}
 DECODE_KEYS = {"format", "batch", "context", "num_heads", "num_kv_heads", "head_dim", "ms", "gbps",
-               "frac_of_copy_bw", "speedup_vs_sdpa_fp16", "bytes"}
+               "frac_of_copy_bw", "frac_of_read_bw", "speedup_vs_sdpa_fp16", "bytes"}
 
 
 def _positive(row, keys):
@@ -25,9 +25,9 @@ def _positive(row, keys):
         assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row[k])
 
 
-def _run_sweep(tmp_path, device):
+def _run_sweep(tmp_path, device, *argv):
     out = tmp_path / "sweep.json"
-    assert cli.main(["ops", "--device", device, "--json", str(out), *TINY_SWEEP]) == 0
+    assert cli.main(["ops", "--device", device, "--json", str(out), *TINY_SWEEP, *argv]) == 0
     return json.loads(out.read_text())
 
 
@@ -49,20 +49,38 @@ def _check_sweep(data):
             assert row["max_abs_err_vs_sdpa_fp16"] < 1e-2
     assert [(r["batch"], r["context"]) for r in data["sdpa"]] == [(b, c) for b in (1, 2) for c in (256, 272)]
     assert data["skipped"] == []
-    writes = {r["format"]: r for r in data["quantize_write"]}
-    assert writes["int4"]["op"] == "quantize_write" and writes["int2c/int2"]["op"] == "seal_blocks"
-    for r in data["quantize_write"]:
-        _positive(r, ["ms", "bytes", "bytes_read", "bytes_written", "gbps"])
+    assert [r["format"] for r in data["quantize_write"]] == ["fp16", "int4"]  # per-channel: sealed only
+    assert [r["format"] for r in data["seal_blocks"]] == ["fp16", "int4", "int2c/int2"]
+    for r in data["quantize_write"] + data["seal_blocks"]:
+        _positive(r, ["ms", "bytes", "bytes_read", "bytes_written", "gbps", "frac_of_copy_bw"])
         assert r["bytes"] == r["bytes_read"] + r["bytes_written"]
     assert [(r["batch"], r["context"], r["k"]) for r in data["topk"]] == [(1, 512, 32), (16, 512, 32)]
     for r in data["topk"]:
-        _positive(r, ["ms", "torch_topk_ms", "speedup_vs_torch_topk"])
+        _positive(r, ["ms", "torch_topk_ms", "speedup_vs_torch_topk", "gbps"])
+    # FlashInfer and flash-attn: timed per point, or said why not
+    for b, c in [(b, c) for b in (1, 2) for c in (256, 272)]:
+        timed = {r["name"] for r in data["baselines"] if (r["batch"], r["context"]) == (b, c)}
+        missing = {r["name"] for r in data["baselines_unavailable"] if (r["batch"], r["context"]) == (b, c)}
+        assert timed | missing == {"flash_attn_fp16", "flashinfer_fp16"}
 
 
-def test_sweep_json_cpu(tmp_path):
-    data = _run_sweep(tmp_path, "cpu")
-    _check_sweep(data)
-    assert data["config"]["query_dtype"] == "float16"
+@pytest.fixture(scope="module")
+def cpu_sweep(tmp_path_factory):
+    return _run_sweep(tmp_path_factory.mktemp("sweep"), "cpu")
+
+
+def test_sweep_json_cpu(cpu_sweep):
+    _check_sweep(cpu_sweep)
+    assert cpu_sweep["config"]["query_dtype"] == "float16"
+    assert cpu_sweep["baselines"] == []
+    assert {r["reason"] for r in cpu_sweep["baselines_unavailable"]} == {"CUDA only"}
+
+
+def test_sweep_plot(cpu_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    assert plots.plot_ops(cpu_sweep, str(png)) == str(png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.cuda
@@ -73,8 +91,8 @@ def test_sweep_json_cuda(tmp_path):
     assert isinstance(data["commit"], str)  # a sha, or "unknown" without .git / $KVCOMP_COMMIT
     assert all(r["graph"] for r in data["decode"] + data["sdpa"]), "decode and SDPA must be timed as graph replays"
     assert all(r["gqa"] == "enable_gqa" and r["backend"] == "flash" for r in data["sdpa"])
-    for r in data["quantize_write"]:
-        _positive(r, ["frac_of_copy_bw"])
+    for r in data["baselines"]:  # FlashInfer / flash-attn, where installed (graphs where they capture)
+        _positive(r, ["ms", "gbps", "frac_of_copy_bw"])
 
 
 def test_bar_checks():
