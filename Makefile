@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 RUN    := PYTHONPATH=$(CURDIR)/python $(PY)
 
-.PHONY: all build test test-fast bench wheel cuda-check cuda-objs clean
+.PHONY: all build test test-fast bench fuzz wheel cuda-check cuda-objs clean
 
 all: test
 
@@ -39,6 +39,16 @@ bench: build $(VENV)/.eval
 	$(RUN) -m kvcomp.bench.cli ops --json bench/out/ops.json
 	$(RUN) -m kvcomp.bench.cli accuracy --quick $(if $(BENCH_TEXT),--text $(BENCH_TEXT)) \
 		--json bench/out/accuracy-quick.json --plot bench/out/accuracy-quick.png
+
+# Long fuzz run of every op (tests/test_fuzz.py): fresh random cases for
+# FUZZ_SECONDS (default 30 min), at low priority; the summary is appended to
+# FUZZ_REPORT. CI runs the same tests derandomized, KVCOMP_FUZZ_EXAMPLES per op.
+FUZZ_SECONDS ?= 1800
+FUZZ_REPORT  ?= bench/out/fuzz.txt
+fuzz: build
+	@mkdir -p $(dir $(FUZZ_REPORT))
+	KVCOMP_FUZZ_SECONDS=$(FUZZ_SECONDS) KVCOMP_FUZZ_REPORT=$(FUZZ_REPORT) PYTHONPATH=$(CURDIR)/python \
+		nice -n 10 $(PY) -m pytest -q tests/test_fuzz.py
 
 # Compiles every CUDA kernel for sm_80 and sm_90a (no GPU or CUDA torch
 # needed), so a broken kernel fails `make test`. KVCOMP_SKIP_CUDA_CHECK=1

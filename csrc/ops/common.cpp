@@ -53,13 +53,20 @@ void check_float_activation(const at::Tensor& t, const char* name) {
   check_dtype(t, name, {at::kHalf, at::kBFloat16, at::kFloat});
 }
 
-Pool pool_arg(const at::Tensor& pool, const char* name, const FormatSpec& f, int head_dim) {
+Pool pool_arg(const at::Tensor& pool, const char* name, const FormatSpec& f,
+              std::optional<int64_t> head_dim) {
   check_dtype(pool, name, {at::kByte});
   check_dim(pool, name, 3, "[num_blocks, num_kv_heads, tile_bytes]");
   check_contiguous(pool, name);
+  // A tensor's size: 0 must not read as "unknown" (the kernels would then
+  // read head_dim elements per row of an empty tensor), nor a size past int
+  // truncate to a valid head_dim.
+  TORCH_CHECK_VALUE(!head_dim || (*head_dim > 0 && *head_dim <= kMaxHeadDim), name,
+                    ": the activations' head_dim ", head_dim.value_or(0), " is outside [1, ",
+                    kMaxHeadDim, "]");
   Geometry g{};
   try {
-    g = infer_geometry(f, pool.size(2), head_dim);
+    g = infer_geometry(f, pool.size(2), head_dim ? (int)*head_dim : 0);
   } catch (const FormatError& e) {
     TORCH_CHECK_VALUE(false, name, ": ", e.what());
   }

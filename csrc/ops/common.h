@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "cpu/kernels.h"
@@ -34,8 +35,10 @@ void check_contiguous(const at::Tensor& t, const char* name);
 void check_float_activation(const at::Tensor& t, const char* name);
 
 // Checks a pool tensor (uint8, [num_blocks, num_kv_heads, tile_bytes],
-// contiguous) and finds its geometry; head_dim > 0 when the caller knows it.
-Pool pool_arg(const at::Tensor& pool, const char* name, const FormatSpec& f, int head_dim = 0);
+// contiguous) and finds its geometry; head_dim when the caller knows it (the
+// activations' last dimension, which must then match).
+Pool pool_arg(const at::Tensor& pool, const char* name, const FormatSpec& f,
+              std::optional<int64_t> head_dim = std::nullopt);
 // int32 [batch, max_blocks] block tables and, if given, int32 [batch] seq_lens.
 BlockTables block_tables_arg(const at::Tensor& bt, const at::Tensor& pool);
 void seq_lens_arg(const at::Tensor& seq_lens, int64_t batch, const at::Tensor& pool);

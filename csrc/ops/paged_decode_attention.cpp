@@ -14,7 +14,7 @@ PagedDecodeArgs prepare_paged_decode(const at::Tensor& query, const at::Tensor& 
   check_float_activation(query, "query");
   check_dim(query, "query", 3, "[batch, num_heads, head_dim]");
   check_same_device(query, "query", pool, "pool");
-  Pool p = pool_arg(pool, "pool", f, (int)query.size(2));
+  Pool p = pool_arg(pool, "pool", f, query.size(2));
   TORCH_CHECK_VALUE(query.size(1) % p.num_heads == 0, "query has ", query.size(1),
                     " heads, not a multiple of the pool's ", p.num_heads, " KV heads");
   TORCH_CHECK_VALUE(isfinite(scale), "scale must be finite, got ", scale);

@@ -22,7 +22,7 @@ QuantizeWriteArgs prepare_quantize_write(const at::Tensor& key, const at::Tensor
   check_dtype(slot_mapping, "slot_mapping", {at::kLong});
   check_dim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
   check_size(slot_mapping, "slot_mapping", 0, key.size(0), "num_tokens of key");
-  Pool p = pool_arg(pool, "pool", f, (int)key.size(2));
+  Pool p = pool_arg(pool, "pool", f, key.size(2));
   check_size(key, "key", 1, p.num_heads, "num_kv_heads of pool");
   return {p, key.contiguous(), value.contiguous(), slot_mapping.contiguous(),
           dtype_of(key.scalar_type())};

@@ -17,7 +17,12 @@ SealArgs prepare_seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_b
   int hd = hot.layout.head_dim, bs = hot.layout.block_size;
   check_dtype(cold_pool, "cold_pool", {at::kByte});
   check_dim(cold_pool, "cold_pool", 3, "[num_blocks, num_kv_heads, tile_bytes]");
-  int64_t want = guarded([&] { return (int64_t)tile_bytes(cf, hd, bs); });
+  int64_t want = 0;
+  try {
+    want = tile_bytes(cf, hd, bs);
+  } catch (const FormatError& e) {  // e.g. a group size that does not divide head_dim
+    TORCH_CHECK_VALUE(false, "cold_format: ", e.what(), " (the hot pool's head_dim)");
+  }
   TORCH_CHECK_VALUE(cold_pool.size(2) == want, "cold_pool has tile_bytes ", cold_pool.size(2),
                     " but format '", cf.name, "' with the hot pool's head_dim ", hd,
                     " and block_size ", bs, " needs ", want);
