@@ -692,7 +692,7 @@ def _attn_logits(c, g, p):
         return "valid"
     which = p % 5
     if which == 0:  # shorter than the longest sequence, perhaps
-        c.logits = c.logits[..., : max(0, max(c.seq_lens + [0]) - 1 - p % 3)]
+        c.logits = c.logits[..., : max(0, max(c.seq_lens + [0]) - 1 - p % 3)].contiguous()
         return "valid"
     c.logits = [lambda t: t.half(), lambda t: t[:, :, None], lambda t: torch.cat([t, t[:, :1]], 1),
                 noncontig][which - 1](c.logits)
@@ -756,7 +756,8 @@ def gather_check(a, c, result):
         assert got.shape == ref.shape and got.dtype == c.out_dtype, (name, got.shape, ref.shape, got.dtype)
         # one rounding to the output dtype, after at most one fp32 ulp
         eps = U32 if c.out_dtype == torch.float32 else dtype_eps(c.out_dtype)
-        tol = 2 * eps * ref.abs() + 2 * U32 * ref.abs() + 2.0 ** -140
+        fi = torch.finfo(c.out_dtype)
+        tol = 2 * eps * ref.abs() + 2 * U32 * ref.abs() + fi.tiny * fi.eps  # + a subnormal step
         err = (got.double() - ref).abs()
         assert bool((err <= tol).all()), f"gather {name}: err/tol {(err / tol).max().item():.3g}"
 
@@ -846,7 +847,8 @@ def _keep_value(c, g, p):
 
 
 def _keep_order(c, g, p):
-    """A descending pair or a duplicate in a row."""
+    """A descending pair or a duplicate in a row (in place: the model decides,
+    as a later mutation may change the row again)."""
     for row in c.keep.view(-1, c.keep.shape[-1]):
         idx = (row >= 0).nonzero().flatten()
         if len(idx) >= 2:
@@ -855,7 +857,7 @@ def _keep_order(c, g, p):
                 row[i], row[j] = int(row[j]), int(row[i])
             else:
                 row[j] = row[i]
-            return "reject", "keep"
+            break
     return "valid"
 
 
@@ -1020,7 +1022,9 @@ def scores_check(a, c, result):
             dist = (lg[live] - ls[live, None]).abs()
             tol = (terms * (dist + 4) * U32).sum(0) + (G + 2) * U32 * ref.abs() + 1e-30
             err = (got[b, h, :n] - ref).abs()
-            assert bool((err <= tol).all()), f"scores[{b},{h}] err/tol {(err / tol).max().item():.3g}"
+            # lse below the true one (a longer seq_len than it was made for): fp32 may overflow
+            overflow = torch.isinf(ref.float()) & (got[b, h, :n] == ref.float())
+            assert bool(((err <= tol) | overflow).all()), f"scores[{b},{h}] err/tol {(err / tol).max().item():.3g}"
 
 
 def _scores_len(c, g, p):
