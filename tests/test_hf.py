@@ -159,6 +159,58 @@ def test_h2o_scores_prompt_chunks_like_eager_attention():
             assert torch.allclose(got, torch.gather(want, 1, tier.pos), rtol=1e-4, atol=1e-5)
 
 
+def test_observe_scores_are_the_prompt_end_attention_pooled():
+    """Policy.observe (SnapKV): after a chunked prompt, every token's score is
+    the attention the prompt's last `observe` queries give it (summed over
+    the query heads of its KV head), max-pooled over _POOL neighbours; read
+    from eager attention of the whole prompt. Nothing is evicted yet."""
+    from kvcomp.integrations import hf
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids = torch.randint(3, 512, (1, 240), generator=torch.Generator().manual_seed(4))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(ids, output_attentions=True).attentions
+    model.set_attn_implementation("kvcomp")
+    p = policies.h2o(budget=0.25, hot_window=16, observe=24)
+    cache = KVCompCache(policy=p)
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], 80):
+            model(ids[:, s:s + 80], past_key_values=cache, use_cache=True)
+    for layer, weights in zip(cache.layers, attn):
+        c = layer.cache
+        st = c._seqs[0][0]
+        assert st.cold.len + st.hot.len == ids.shape[1]  # the whole prompt is held until decode
+        last = weights[0, :, -24:].sum(1).view(c.num_kv_heads, -1, ids.shape[1]).sum(1).double()
+        want = torch.stack([torch.tensor([float(row[max(0, j - hf._POOL // 2):j + hf._POOL // 2 + 1].max())
+                                          for j in range(len(row))]) for row in last]).double()
+        for tier in (st.hot, st.cold):
+            assert torch.allclose(tier.scores.double(), torch.gather(want, 1, tier.pos), rtol=1e-4, atol=1e-5)
+
+
+def test_observe_evicts_the_lowest_scores_at_the_first_decode_step():
+    torch.manual_seed(0)
+    model = _llama().eval()
+    model.set_attn_implementation("kvcomp")
+    ids = torch.randint(3, 512, (1, 400), generator=torch.Generator().manual_seed(5))
+    p = policies.h2o(budget=0.25, hot_window=16, observe=32)
+    cache = KVCompCache(policy=p)
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], 100):
+            model(ids[:, s:s + 100], past_key_values=cache, use_cache=True)
+        before = [(layer.cache._seqs[0][0].cold.pos.clone(), layer.cache._seqs[0][0].cold.scores.clone())
+                  for layer in cache.layers]
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
+    for layer, (pos, scores) in zip(cache.layers, before):
+        cold = layer.cache._seqs[0][0].cold
+        k = p.cold_budget(ids.shape[1] + 1)
+        assert cold.len == k < pos.shape[1]
+        scores = scores.masked_fill(pos < p.sinks, float("inf"))
+        for h in range(pos.shape[0]):  # kept: k of the prompt's top scores (pooling makes ties)
+            kept = torch.isin(pos[h], cold.pos[h, :k])
+            assert int(kept.sum()) == k and scores[h][kept].min() >= scores[h][~kept].max()
+
+
 def test_h2o_prompt_chunks_end_within_budget():
     torch.manual_seed(0)
     model = _llama().eval()

@@ -30,7 +30,7 @@ PRESET_FIELDS = {
     "kivi2": dict(cold_format="int2c/int2", hot_window=128, block_size=32, eviction=None),
     "streaming_llm": dict(eviction="streaming", sinks=4, window=1020, budget=None),
     "h2o": dict(eviction="h2o", budget=0.2, window=None),
-    "combined": dict(eviction="h2o", cold_format="int2c/int2"),
+    "combined": dict(eviction="h2o", cold_format="fp8_e4m3", observe=32),
 }
 
 
@@ -69,8 +69,11 @@ def test_preset_arguments_and_overrides():
         P.int4().replace(block_size=24)
     # combined has both a compressed cold tier and eviction
     c = P.combined()
-    assert KVFormat.parse(c.cold_format).per_channel and c.eviction == "h2o" and c.sinks > 0
+    assert KVFormat.parse(c.cold_format).k.bits < 16 and c.eviction == "h2o" and c.sinks > 0
     assert c.hot_window is not None and c.hot_window > 0
+    # ... and reaches the accuracy goal's 1/8 of fp16 (SmolLM2's geometry) from 1k tokens on
+    for n in (1024, 2048, 4096, 8192):
+        assert c.bytes_per_token(30, 3, 64, n) <= P.full().bytes_per_token(30, 3, 64, n) / 8
 
 
 def test_full_policy_is_default_of_cache():
@@ -105,6 +108,9 @@ BAD_POLICIES = [
     (dict(eviction="streaming", window=60, hot_window=0, budget=16), "budget"),
     (dict(evict_every=0, eviction="h2o", budget=16), "evict_every"),
     (dict(evict_every=4), "evict_every"),
+    (dict(observe=32), "observe"),
+    (dict(observe=0, eviction="h2o", budget=16), "observe"),
+    (dict(observe=1.5, eviction="h2o", budget=16), "observe"),
     (dict(eviction="streaming", hot_window=0), "window"),
     (dict(eviction="streaming", hot_window=0, window=0), "window"),
     (dict(eviction="streaming", hot_window=0, window=-4), "window"),

@@ -463,11 +463,12 @@ class PagedKVCache:
         for i, t in enumerate(tiers):
             t.scores = scores[i, :, :t.len].clone()
 
-    def add_scores(self, layer: int, seq_id, by_position: torch.Tensor) -> None:
+    def add_scores(self, layer: int, seq_id, by_position: torch.Tensor, *, replace: bool = False) -> None:
         """Adds attention weight computed outside :meth:`attend` (e.g. by a
         prompt chunk's own attention) to the heavy-hitter scores of H2O:
         ``by_position`` [kv_heads, seq_len] holds each position's weight;
-        held tokens receive theirs, evicted ones are ignored."""
+        held tokens receive theirs, evicted ones are ignored. ``replace``
+        sets the scores to it instead (``Policy.observe``)."""
         st = self._state(seq_id, layer)
         if self.policy.eviction != "h2o":
             raise ValueError(f"add_scores needs an eviction='h2o' policy, not {self.policy.eviction!r}")
@@ -476,7 +477,8 @@ class PagedKVCache:
                              f"got {tuple(by_position.shape)}")
         w = by_position.to(self._scores_device, torch.float32)
         for t in (st.hot, st.cold):
-            t.scores = t.scores + torch.gather(w, 1, t.pos.to(w.device))
+            got = torch.gather(w, 1, t.pos.to(w.device))
+            t.scores = got if replace else t.scores + got
 
     # -------------------------------------------------------------- forget
     def forget(self, seq_id, start: int, end: int) -> None:

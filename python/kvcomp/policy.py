@@ -43,6 +43,14 @@ class Policy:
       the cache's dtype.
     - ``evict_every``: h2o evicts every this many appended tokens; ``None``
       evicts as soon as a seal takes the cold tier over its budget.
+    - ``observe``: h2o only. ``None`` scores a prompt as H2O does (every
+      prompt token's attention counts) and evicts after each prefill chunk.
+      An int scores a prompt by the attention of its last ``observe`` tokens
+      only (max-pooled over neighbouring positions) and evicts once the whole
+      prompt is in, at the first decode step, as SnapKV does: the end of a
+      prompt (the question) picks what its answer needs, so a fact hidden
+      early survives. The whole prompt is held until then. Used by the Hugging
+      Face integration; other callers score with ``PagedKVCache.add_scores``.
     - ``wipe``: when blocks given back (by ``free``, eviction, sealing, the
       streaming ring) are zeroed: ``"on_free"`` at once, so no freed byte
       stays in memory; ``"on_reuse"`` only when handed out again, so freeing
@@ -59,6 +67,7 @@ class Policy:
     window: Optional[int] = None
     hot_format: Optional[str] = None
     evict_every: Optional[int] = None
+    observe: Optional[int] = None
     wipe: str = "on_free"
     name: str = "custom"
 
@@ -77,6 +86,8 @@ class Policy:
         _check(self.eviction in EVICTIONS, f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         _check(self.evict_every is None or (_is_int(self.evict_every) and self.evict_every > 0),
                f"evict_every must be None or an int > 0, got {self.evict_every!r}")
+        _check(self.observe is None or (_is_int(self.observe) and self.observe > 0),
+               f"observe must be None or an int > 0, got {self.observe!r}")
         _check(self.wipe in WIPES, f"wipe must be one of {WIPES}, got {self.wipe!r}")
         if self.eviction is not None:
             _check(self.hot_window is not None,
@@ -86,6 +97,7 @@ class Policy:
         else:
             _check(self.budget is None, f"budget applies to eviction='h2o' only, got budget={self.budget!r}")
             _check(self.evict_every is None, "evict_every applies to eviction='h2o' only")
+            _check(self.observe is None, f"observe applies to eviction='h2o' only, got observe={self.observe!r}")
         if self.eviction == "streaming":
             self._check_streaming(fmt)
         else:

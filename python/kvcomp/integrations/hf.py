@@ -79,11 +79,14 @@ class KVCompLayer(CacheLayerMixin):
         decode_native = self.native and q == 1
         held = self.held_counts()
         prev = None if decode_native else self.dequantized()
-        if self.pending_evict:
+        observe = self.cache.policy.observe
+        if self.pending_evict and not (observe and q > 1):
             self.cache.evict(0, rows)
+            self.pending_evict = False
         # H2O evicts a prompt chunk only once its own attention is scored: in
-        # kvcomp_attention, or (other attention functions) before the next update.
-        self.pending_evict = q > 1 and self.cache.policy.eviction == "h2o"
+        # kvcomp_attention, or (other attention functions) before the next
+        # update. With Policy.observe, at the first decode step (whole prompt in).
+        self.pending_evict = self.pending_evict or (q > 1 and self.cache.policy.eviction == "h2o")
         self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2),
                           evict=not self.pending_evict)
         if decode_native:
@@ -246,9 +249,11 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
                                     is_causal=False, **kwargs)
     if layer.pending_evict:
-        _accumulate_prefill_scores(tag, query, key, mask, scale)
-        layer.cache.evict(0, list(range(b)))
-        layer.pending_evict = False
+        observe = layer.cache.policy.observe
+        _accumulate_prefill_scores(tag, query, key, mask, scale, observe)
+        if observe is None:
+            layer.cache.evict(0, list(range(b)))
+            layer.pending_evict = False
     _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
@@ -270,28 +275,39 @@ def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> 
     return mask
 
 
+_POOL = 15  # Policy.observe: a token's score is the max over this many neighbours (a 5-digit
+# number and the words around it, in SmolLM2's tokens)
+
+
 def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
-                               scale: float) -> None:
+                               scale: float, observe: Optional[int] = None) -> None:
     """H2O counts attention from prompt chunks too (as the paper does): adds
     each held token's softmax weight, summed over the chunk's queries and the
     query heads of its KV head, to its score. Columns are the dequantized held
-    tokens (positions in ``tag.positions``) then the chunk's own tokens."""
+    tokens (positions in ``tag.positions``) then the chunk's own tokens.
+    ``observe`` (SnapKV): only the chunk's last ``observe`` queries count, the
+    weights are max-pooled over _POOL neighbouring positions (a fact spans several
+    tokens) and replace the scores, so the prompt's last chunk decides."""
     c = tag.layer.cache
+    prev = key.shape[2] - query.shape[2]  # columns before the chunk's own
+    if observe is not None:
+        query, mask = query[:, :, -observe:], mask[:, :, -observe:]
     b, heads, q, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     k = key.float().repeat_interleave(heads // kv_heads, 1)
     logits = (query.float() @ k.transpose(-1, -2)) * scale
     probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num_(0.0)
     weight = probs.sum(2).view(b, kv_heads, heads // kv_heads, kv_len).sum(2).to(c.device)  # [b, kv, cols]
-    prev = kv_len - q
     for i in range(b):
         seen = c.seq_len(i)
         held_pos = tag.positions[i].to(c.device)
         by_pos = torch.zeros(kv_heads, seen, device=c.device)
         m = held_pos.shape[1]
         by_pos.scatter_(1, held_pos, weight[i, :, prev - m:prev])
-        by_pos[:, seen - q:] = weight[i, :, prev:]
-        c.add_scores(0, i, by_pos)
+        by_pos[:, seen - (kv_len - prev):] = weight[i, :, prev:]
+        if observe is not None:
+            by_pos = torch.nn.functional.max_pool1d(by_pos[None], _POOL, 1, _POOL // 2)[0]
+        c.add_scores(0, i, by_pos, replace=observe is not None)
 
 
 def _forget_padding(layer: KVCompLayer, last_row: torch.Tensor, q: int) -> None:
