@@ -102,7 +102,9 @@ def run(args) -> int:
         return _error(str(e))
 
     started = time.perf_counter()
-    steps = len(cases) * len(caches) + (len(caches) * ppl_tokens if ppl_ids is not None else 0)
+    # progress in decode-step units: a prompt token costs ~1/PREFILL_SPEEDUP of a decode step
+    steps = len(caches) * (sum(c.length // PREFILL_SPEEDUP + args.max_new for c in cases)
+                           + (ppl_tokens if ppl_ids is not None else 0))
     with _progress(steps) as advance:
         needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, advance)
         ppl = _run_perplexity(model, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) \
@@ -131,6 +133,9 @@ def run(args) -> int:
     return 0
 
 
+PREFILL_SPEEDUP = 8  # prompt tokens per second / decode steps per second, roughly (CPU, chunks of 512)
+
+
 def _run_needle(model, tokenizer, cases, caches, chunk, max_new, advance) -> dict:
     rows = []
     for case in cases:
@@ -139,7 +144,7 @@ def _run_needle(model, tokenizer, cases, caches, chunk, max_new, advance) -> dic
             tokens = ev.greedy(model, case.ids, make(), chunk, max_new)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             row["answers"][name] = {"text": text, "correct": ev.answer_of(text) == case.key, "tokens": tokens}
-            advance()
+            advance(case.length // PREFILL_SPEEDUP + max_new)
         ref = row["answers"]["uncompressed"]["tokens"]
         for a in row["answers"].values():
             a["same_as_uncompressed"] = a.pop("tokens") == ref if a is not row["answers"]["uncompressed"] \
@@ -206,9 +211,9 @@ def _progress(total: int):
     if not sys.stderr.isatty():
         done, start = [0], time.perf_counter()
 
-        def advance():
-            done[0] += 1
-            if done[0] * 20 // total > (done[0] - 1) * 20 // total:
+        def advance(n: int = 1):
+            done[0] += n
+            if done[0] * 20 // total > (done[0] - n) * 20 // total:
                 print(f"accuracy: {done[0]}/{total} steps, {time.perf_counter() - start:.0f} s",
                       file=sys.stderr, flush=True)
         yield advance
@@ -216,7 +221,7 @@ def _progress(total: int):
     from rich.progress import Progress
     with Progress(transient=True) as bar:
         task = bar.add_task("accuracy", total=total)
-        yield lambda: bar.advance(task)
+        yield lambda n=1: bar.advance(task, n)
 
 
 def _error(message: str) -> int:
