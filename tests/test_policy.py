@@ -30,7 +30,7 @@ PRESET_FIELDS = {
     "kivi2": dict(cold_format="int2c/int2", hot_window=128, block_size=32, eviction=None),
     "streaming_llm": dict(eviction="streaming", sinks=4, window=1020, budget=None),
     "h2o": dict(eviction="h2o", budget=0.2, window=None),
-    "combined": dict(eviction="h2o", cold_format="fp8_e4m3", observe=32),
+    "combined": dict(eviction="h2o", cold_format="int8", observe=32, budget=0.22),
 }
 
 
