@@ -9,9 +9,10 @@ follows, so :meth:`Policy.bytes_per_token` plans capacity before allocating.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
+
+import numpy as np
 
 from .formats import KVFormat
 
@@ -137,10 +138,12 @@ class Policy:
         """h2o: cold tokens kept for a sequence of ``seq_len`` tokens (whole blocks)."""
         if self.eviction != "h2o":
             return None
-        b = self.budget
-        tokens = math.floor(b * seq_len) if isinstance(b, float) else int(b)
-        kept = tokens // self.block_size * self.block_size
-        return max(kept, -(-self.sinks // self.block_size) * self.block_size)
+        return int(self._budgets(np.asarray(seq_len, dtype=np.int64)))
+
+    def _budgets(self, seq_len: np.ndarray) -> np.ndarray:
+        b, bs = self.budget, self.block_size
+        tokens = np.floor(b * seq_len).astype(np.int64) if isinstance(b, float) else np.full_like(seq_len, b)
+        return np.maximum(tokens // bs * bs, -(-self.sinks // bs) * bs)
 
     def plan(self, seq_len: int) -> tuple[int, int]:
         """(hot, cold) tokens one sequence holds after ``seq_len`` tokens were
@@ -160,18 +163,26 @@ class Policy:
         cold tier: its oldest full blocks, while it holds more than hot_window.
         Also the tokens sealed after ``n`` appended tokens. PagedKVCache follows
         this rule."""
+        return int(self._sealed(np.asarray(n, dtype=np.int64)))
+
+    def _sealed(self, n: np.ndarray) -> np.ndarray:
         if self._direct():
             return n
         bs, w = self.block_size, self.hot_window
-        return 0 if n <= w else min(-(-(n - w) // bs), n // bs) * bs
+        return np.where(n <= w, 0, np.minimum(-(-(n - w) // bs), n // bs) * bs)
 
     def _h2o_cold(self, n: int) -> int:
-        cold = 0
-        for t in range(1, n + 1):
-            cold += self.sealed(t) - self.sealed(t - 1)
-            if self.evicts_at(t):
-                cold = min(cold, self.cold_budget(t))
-        return cold
+        """The cold tier after n decode steps: cold_t = cold_{t-1} + (sealed_t
+        - sealed_{t-1}), then min(cold_t, budget_t) at each eviction point t.
+        Unrolled: min(sealed_n, min over eviction points s <= n of
+        budget_s + sealed_n - sealed_s), in one vectorized pass."""
+        t = np.arange(1, n + 1, dtype=np.int64)
+        if self.evict_every is not None:
+            t = t[t % self.evict_every == 0]
+        sealed_n = self.sealed(n)
+        if len(t) == 0:
+            return sealed_n
+        return int(min(sealed_n, (self._budgets(t) - self._sealed(t)).min() + sealed_n))
 
     def evicts_at(self, t: int) -> bool:
         """h2o may evict after the t-th token (every evict_every tokens, or always)."""
