@@ -1,5 +1,8 @@
-"""``kvcomp-bench``: microbenchmarks of the kvcomp ops and memory capacity.
+"""``kvcomp-bench``: how much memory a policy saves, how fast the ops run,
+and what compression costs in quality.
 
 Entry point :func:`kvcomp.bench.cli.main`; one module per subcommand
-(``ops_bench``, ``memory_bench``), shared timing in ``timing``.
+(``ops_bench``, ``memory_bench``, ``accuracy`` with ``evaluate`` and
+``models``), shared timing in ``timing``, plots in ``plots`` and
+``accuracy_plot``.
 """

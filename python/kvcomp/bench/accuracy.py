@@ -27,6 +27,7 @@ from .. import policies as presets
 from . import evaluate as ev
 from . import models
 from . import timing
+from .plots import pyplot
 from .report import print_table, write_json
 
 FULL = dict(lengths=[1024, 2048, 4096, 8192], depths=[0.0, 0.25, 0.5, 0.75, 1.0], ppl_context=2048,
@@ -67,6 +68,11 @@ def run(args) -> int:
         return _error(f"--ppl-tokens ({ppl_tokens}) must be below --ppl-context ({ppl_context})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plot:
+        try:
+            pyplot()  # before the run, not after an hour of it
+        except ValueError as e:
+            return _error(str(e))
     try:
         text = args.text.read_text(encoding="utf-8") if args.text else None
     except (OSError, UnicodeDecodeError) as e:

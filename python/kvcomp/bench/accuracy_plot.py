@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
+from .plots import pyplot
 
 
 def plot_accuracy(result: dict, path: str) -> list[str]:
     """Writes ``path`` (Pareto scatter at the longest length) and
     ``<stem>-needle.png`` beside it (accuracy per length x depth); returns both."""
-    plt = _pyplot()
+    plt = pyplot()
     longest = str(result["lengths"][-1])
     pols = result["policies"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -40,8 +40,8 @@ def plot_ops(result: dict, path: str) -> str:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     c = result["config"]
-    fig.suptitle(f"paged_decode_attention on {result['device']}: {c['num_heads']} query / "
-                 f"{c['num_kv_heads']} KV heads, head_dim {c['head_dim']}, block {c['block_size']}")
+    fig.suptitle(f"paged_decode_attention on {result['device']}\n{c['num_heads']} query / "
+                 f"{c['num_kv_heads']} KV heads, head_dim {c['head_dim']}, block {c['block_size']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
