@@ -32,14 +32,16 @@ def plot_accuracy(result: dict, path: str) -> list[str]:
     heat = str(Path(path).with_name(Path(path).stem + "-needle.png"))
     cols = min(3, len(pols))
     rows = -(-len(pols) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 2.8 * rows), squeeze=False,
+                             layout="constrained")
     for ax, p in zip(axes.flat, pols):
         im = ax.imshow(p["needle_grid"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(f"{p['policy']} ({p['needle_accuracy']:.2f})", fontsize=9)
         ax.set_xticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]], fontsize=7)
         ax.set_yticks(range(len(result["lengths"])), [str(L) for L in result["lengths"]], fontsize=7)
         ax.set_xlabel("depth", fontsize=8)
-        ax.set_ylabel("tokens", fontsize=8)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("tokens", fontsize=8)
     for ax in list(axes.flat)[len(pols):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy")
