@@ -138,12 +138,14 @@ class Policy:
         """h2o: cold tokens kept for a sequence of ``seq_len`` tokens (whole blocks)."""
         if self.eviction != "h2o":
             return None
-        return int(self._budgets(np.asarray(seq_len, dtype=np.int64)))
+        return int(self._budget(int(seq_len), max))
 
-    def _budgets(self, seq_len: np.ndarray) -> np.ndarray:
+    def _budget(self, seq_len, maximum):
+        """cold_budget's rule, for an int (``maximum=max``, the cache's hot
+        path: no numpy per call) or a numpy array (``np.maximum``, planning)."""
         b, bs = self.budget, self.block_size
-        tokens = np.floor(b * seq_len).astype(np.int64) if isinstance(b, float) else np.full_like(seq_len, b)
-        return np.maximum(tokens // bs * bs, -(-self.sinks // bs) * bs)
+        tokens = b * seq_len // 1 if isinstance(b, float) else b  # floor, exact below 2**53
+        return maximum(tokens // bs * bs, -(-self.sinks // bs) * bs)
 
     def plan(self, seq_len: int) -> tuple[int, int]:
         """(hot, cold) tokens one sequence holds after ``seq_len`` tokens were
@@ -163,30 +165,33 @@ class Policy:
         cold tier: its oldest full blocks, while it holds more than hot_window.
         Also the tokens sealed after ``n`` appended tokens. PagedKVCache follows
         this rule."""
-        return int(self._sealed(np.asarray(n, dtype=np.int64)))
+        return self._sealed(int(n), max, min)
 
-    def _sealed(self, n: np.ndarray) -> np.ndarray:
+    def _sealed(self, n, maximum, minimum):
+        """sealed's rule, for an int (``max``, ``min``) or a numpy array
+        (``np.maximum``, ``np.minimum``). With n <= hot_window the first term
+        is <= 0: nothing is sealed."""
         if self._direct():
             return n
         bs, w = self.block_size, self.hot_window
-        return np.where(n <= w, 0, np.minimum(-(-(n - w) // bs), n // bs) * bs)
+        return maximum(0, minimum(-(-(n - w) // bs), n // bs)) * bs
 
     def _h2o_cold(self, n: int) -> int:
         """The cold tier after n decode steps: cold_t = cold_{t-1} + (sealed_t
-        - sealed_{t-1}), then min(cold_t, budget_t) at each eviction point t.
-        Unrolled: min(sealed_n, min over eviction points s <= n of
-        budget_s + sealed_n - sealed_s), in one vectorized pass."""
-        t = np.arange(1, n + 1, dtype=np.int64)
-        if self.evict_every is not None:
-            t = t[t % self.evict_every == 0]
+        - sealed_{t-1}), then min(cold_t, budget_t) at each eviction point t
+        (:meth:`evicts_at`). Unrolled: min(sealed_n, min over eviction points
+        s <= n of budget_s + sealed_n - sealed_s), in one vectorized pass."""
+        step = self.evict_every or 1
+        t = np.arange(step, n + 1, step, dtype=np.int64)
         sealed_n = self.sealed(n)
         if len(t) == 0:
             return sealed_n
-        return int(min(sealed_n, (self._budgets(t) - self._sealed(t)).min() + sealed_n))
+        slack = self._budget(t, np.maximum) - self._sealed(t, np.maximum, np.minimum)
+        return int(min(sealed_n, slack.min() + sealed_n))
 
     def evicts_at(self, t: int) -> bool:
         """h2o may evict after the t-th token (every evict_every tokens, or always)."""
-        return self.evict_every is None or t % self.evict_every == 0
+        return t % (self.evict_every or 1) == 0
 
     def evicts_during(self, before: int, after: int) -> bool:
         """An append taking a sequence from ``before`` to ``after`` tokens passes
