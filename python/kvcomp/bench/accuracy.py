@@ -108,8 +108,7 @@ def run(args) -> int:
         return _error(str(e))
 
     started = time.perf_counter()
-    # progress in decode-step units: a prompt token costs ~1/PREFILL_SPEEDUP of a decode step
-    steps = len(caches) * (sum(c.length // PREFILL_SPEEDUP + args.max_new for c in cases)
+    steps = len(caches) * (sum(_needle_cost(c, args.max_new) for c in cases)
                            + (ppl_tokens if ppl_ids is not None else 0))
     with _progress(steps) as advance:
         needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, advance)
@@ -142,6 +141,11 @@ def run(args) -> int:
 PREFILL_SPEEDUP = 8  # prompt tokens per second / decode steps per second, roughly (CPU, chunks of 512)
 
 
+def _needle_cost(case, max_new: int) -> int:
+    """A pass-key answer's share of the progress, in decode-step units."""
+    return case.length // PREFILL_SPEEDUP + max_new
+
+
 def _run_needle(model, tokenizer, cases, caches, chunk, max_new, advance) -> dict:
     rows = []
     for case in cases:
@@ -150,7 +154,7 @@ def _run_needle(model, tokenizer, cases, caches, chunk, max_new, advance) -> dic
             tokens = ev.greedy(model, case.ids, make(), chunk, max_new)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             row["answers"][name] = {"text": text, "correct": ev.answer_of(text) == case.key, "tokens": tokens}
-            advance(case.length // PREFILL_SPEEDUP + max_new)
+            advance(_needle_cost(case, max_new))
         ref = row["answers"]["uncompressed"]["tokens"]
         for a in row["answers"].values():
             a["same_as_uncompressed"] = a.pop("tokens") == ref if a is not row["answers"]["uncompressed"] \

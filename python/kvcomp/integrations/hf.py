@@ -289,11 +289,12 @@ def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Ten
     weights are max-pooled over _POOL neighbouring positions (a fact spans several
     tokens) and replace the scores, so the prompt's last chunk decides."""
     c = tag.layer.cache
-    prev = key.shape[2] - query.shape[2]  # columns before the chunk's own
+    chunk = query.shape[2]  # the chunk's own tokens are the last columns
     if observe is not None:
         query, mask = query[:, :, -observe:], mask[:, :, -observe:]
-    b, heads, q, _ = query.shape
+    b, heads, _, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
+    prev = kv_len - chunk
     k = key.float().repeat_interleave(heads // kv_heads, 1)
     logits = (query.float() @ k.transpose(-1, -2)) * scale
     probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num_(0.0)
@@ -304,7 +305,7 @@ def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Ten
         by_pos = torch.zeros(kv_heads, seen, device=c.device)
         m = held_pos.shape[1]
         by_pos.scatter_(1, held_pos, weight[i, :, prev - m:prev])
-        by_pos[:, seen - (kv_len - prev):] = weight[i, :, prev:]
+        by_pos[:, seen - chunk:] = weight[i, :, prev:]
         if observe is not None:
             by_pos = torch.nn.functional.max_pool1d(by_pos[None], _POOL, 1, _POOL // 2)[0]
         c.add_scores(0, i, by_pos, replace=observe is not None)
