@@ -43,9 +43,11 @@ pybind11::dict describe(const std::string& spec) {
   const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
   auto side = [](kvcomp::ElemFormat e) {
     pybind11::dict d;
+    d["spec"] = kvcomp::side_name(e);
     d["bits"] = kvcomp::kind_bits(e.kind);
     d["group"] = e.group;
     d["per_channel"] = kvcomp::is_per_channel(e.kind);
+    d["rotated"] = e.rotated;
     return d;
   };
   pybind11::dict d;

@@ -59,6 +59,8 @@ FORMAT_STRINGS = [
     "int4\x00junk", "x" * 5000, "int8\n", "\u00e9", "fp16 / int8", " int8 ", "int8/int8",
     "int4:g32", "fp8", "kivi2", "kivi4", "int4c", "int8c", "fp16", "bf16", "fp32", "int8", "int4",
     "int2:g64", "fp8_e5m2", "fp8_e4m3/int4", "int4:g128/int8",
+    "int3", "int3:g64:h", "nf3:h", "nf2:g64:h", "int4:s", "int4:h", "fp16:h", "int4c:h", "int8:s",
+    "nf4:s", "int4:h:h", "nf5", "int8:g32:h",
 ]
 
 
@@ -167,17 +169,24 @@ def keep_ok(pool_blocks, bs, bt, keep):
     return True
 
 
-def storable(kind, x):
-    """What quantize_write/seal_blocks accept for one side: finite, and in range
-    of a raw 16-bit storage kind (row_storable in csrc/cpu/codec.h)."""
+def storable(side, x):
+    """What quantize_write/seal_blocks accept for one side (a RefSide): finite,
+    and in range (format.h storable): fp16 storage below 65520, bf16 finite
+    after rounding, quantized kinds +-65504 (16-bit scales), rotated ones
+    65504 / sqrt(head_dim)."""
     x = x.float()
     if not bool(torch.isfinite(x).all()):
         return False
-    if kind == "fp16" and bool((x.abs() >= 65520).any()):
-        return False
-    if kind == "bf16" and not bool(torch.isfinite(x.to(torch.bfloat16)).all()):
-        return False
-    return True
+    if side.kind == "fp16":
+        return not bool((x.abs() >= 65520).any())
+    if side.kind == "bf16":
+        return bool(torch.isfinite(x.to(torch.bfloat16)).all())
+    if side.kind == "fp32" or x.numel() == 0:
+        return True
+    top = torch.tensor(65504.0, dtype=torch.float32)
+    if side.rotated:
+        top = top / torch.sqrt(torch.tensor(float(x.shape[-1]), dtype=torch.float32))
+    return not bool((x.abs() > top).any())
 
 
 def format_kind(spec, base, tile, head_dim=None, token_only=False):
@@ -220,7 +229,7 @@ def qw_model(c):
         return False
     w = slots >= 0
     rf = parse_format(c.fmt)
-    return storable(rf.k.kind, c.key[w]) and storable(rf.v.kind, c.value[w])
+    return storable(rf.k, c.key[w]) and storable(rf.v, c.value[w])
 
 
 def qw_check(a, c, result):
@@ -426,7 +435,7 @@ def seal_model(c):
         return False
     K, V = ref_decode_pool(c.hot, c.hot_fmt)
     rf = parse_format(c.fmt)
-    return storable(rf.k.kind, K[src]) and storable(rf.v.kind, V[src])
+    return storable(rf.k, K[src].float()) and storable(rf.v, V[src].float())
 
 
 def seal_check(a, c, result):
@@ -492,7 +501,10 @@ def _seal_len(c, g, p):
 
 def _seal_hot_format(c, g, p):
     c.hot_format = pick(FORMAT_STRINGS + [c.hot_fmt], p)
-    return format_kind(c.hot_format, c.hot_fmt, c.hot.shape[2], None, token_only=True), "hot_format|hot_pool"
+    kind = format_kind(c.hot_format, c.hot_fmt, c.hot.shape[2], None, token_only=True)
+    if kind != "reject" and any(s.rotated for s in parse_format(kvcomp.KVFormat.parse(c.hot_format).name).sides()):
+        kind = "reject"  # the hot tier holds its tokens as they are
+    return kind, "hot_format|hot_pool"
 
 
 def _seal_cold_format(c, g, p):

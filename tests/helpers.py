@@ -18,6 +18,9 @@ TOKEN_FORMATS = [
     "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8",
     "int4", "int4:g64", "int4:g128", "int2", "int2:g64", "int2:g128",
     "fp8_e4m3/int4", "int8/int2:g64", "fp16/int8", "int4:g64/fp8_e5m2", "bf16/int2",
+    # layout v2: int3, symmetric (:s), NF levels, int8 groups, rotated (:h)
+    "int3", "int3:g64:h", "int4:s", "int2:g64:s:h", "int4:h", "nf4:h", "nf3:g64:h", "nf2:h",
+    "int8:g32", "fp8_e5m2:h", "nf3:h/int4:s", "fp16/nf2:g64:h",
 ]
 # Formats with a per-channel side (written by seal_blocks only).
 CHANNEL_FORMATS = [
@@ -43,12 +46,15 @@ def examples(n: int) -> int:
 
 # ------------------------------------------------------------------- data
 def heavy_tailed(shape, gen: torch.Generator, dtype=torch.float32, magnitude: float = 1.0,
-                 limit: float = 3.0e4, outliers: int = 2) -> torch.Tensor:
+                 limit: float | None = None, outliers: int = 2) -> torch.Tensor:
     """Student-t (3 dof) values times per-channel scales (a few outlier
-    channels x20), plus a per-channel offset; never exactly zero; |x| <= limit
-    (fp16 storage overflows at 65520)."""
+    channels x20), plus a per-channel offset; never exactly zero; |x| <= limit,
+    by default what every format stores at this head_dim (shape[-1]): a
+    rotated one holds 65504 / sqrt(head_dim) (fp16 scales), fp16 65519."""
     shape = tuple(shape)
     hd = shape[-1]
+    if limit is None:
+        limit = min(3.0e4, 0.98 * 65504 / math.sqrt(hd))  # bf16 rounding stays inside
     z = torch.randn(shape, generator=gen, dtype=torch.float64)
     chi2 = torch.randn((3,) + shape, generator=gen, dtype=torch.float64).pow(2).sum(0)
     t = z / torch.sqrt(chi2 / 3).clamp(min=0.05)
@@ -185,6 +191,21 @@ def assert_within_fp32_ulps(actual: torch.Tensor, expect64: torch.Tensor, ulps: 
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} elements differ by more than {ulps} fp32 ulp; "
             f"first at {i}: actual {a[i].item()!r} vs reference {e[i].item()!r}")
+
+
+def assert_gather_matches(K, V, RK, RV, fmt: str, what=""):
+    """gather_dequant's fp32 K/V against the reference decoder's float64:
+    within one fp32 ulp, and for a rotated side (":h") within the fp32
+    rounding of the inverse rotation: log2(head_dim) butterfly stages over
+    values of at most |row|_1 / sqrt(head_dim), plus the scaling."""
+    rf = parse_format(fmt)
+    for side, A, E, name in ((rf.k, K, RK, "K"), (rf.v, V, RV, "V")):
+        if not side.rotated:
+            assert_within_fp32_ulps(A, E, 1, f"{what} gather {name}")
+            continue
+        n = E.shape[-1]
+        tol = 4 * (math.log2(n) + 1) * U32 * E.abs().sum(-1, keepdim=True) / math.sqrt(n) + 2.0 ** -149
+        assert_bounded(A, E, tol.expand_as(E), f"{what} gather {name} (rotated)")
 
 
 def assert_bounded(x_hat: torch.Tensor, x: torch.Tensor, bound: torch.Tensor, what=""):

@@ -1,14 +1,15 @@
 """Pure-PyTorch reference of kvcomp's storage format and ops.
 
-Written from docs/format.md (layout version 1) and CONTRACT.md alone: it does
+Written from docs/format.md (layout version 2) and CONTRACT.md alone: it does
 not call any kvcomp op, nor ``KVFormat.layout``/``KVFormat.tile_bytes``. The
 test-suite compares the extension against it.
 
-* Format parsing, section layout and the tile-size table (``RefFormat``).
-* Quantizers: the formulas of docs/format.md evaluated in fp32 (scales are
-  stored as fp32, so the quantizer emulates that arithmetic step by step);
-  they produce exactly the bytes the docs specify (``ref_quantize_write``,
-  ``ref_seal_blocks``).
+* Format parsing (flags ``:gG``, ``:s``, ``:h``), section layout and the
+  tile-size table (``RefFormat``).
+* Quantizers: the formulas of docs/format.md evaluated in fp32 step by step,
+  with the 16-bit metadata rounded as the docs say (scales up, zeros down),
+  the Hadamard rotation of ``:h`` sides and NF's scale search; they produce
+  exactly the bytes the docs specify (``ref_quantize_write``, ``ref_seal_blocks``).
 * Decoder of raw pool bytes to float64 (``ref_decode_pool``, ``ref_gather``).
 * float64 attention, merge, score accumulation, top-k and compaction.
 * The contract's error bounds (``token_error_bound``, ``channel_error_bound``).
@@ -24,23 +25,43 @@ import torch
 BLOCK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_DIM = 512
 U32 = 2.0 ** -24  # unit roundoff of fp32 (half an ulp at 1.0)
+HALF_MAX = 65504.0
+H16 = 2.0 ** -10  # relative spacing of fp16 (one ulp at 1.0); subnormal step 2^-24
 
 _KIND_BITS = {
     "fp32": 32, "fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8,
-    "int4": 4, "int2": 2, "int8c": 8, "int4c": 4, "int2c": 2,
+    "int4": 4, "int3": 3, "int2": 2, "nf4": 4, "nf3": 3, "nf2": 2, "int8c": 8, "int4c": 4, "int2c": 2,
 }
 _ALIASES = {"kivi2": "int2c/int2", "kivi4": "int4c/int4"}
-_GROUPED = ("int4", "int2")
+_INTS = ("int4", "int3", "int2")        # asymmetric, or symmetric with ":s"
+_NF = ("nf4", "nf3", "nf2")
 _PER_CHANNEL = ("int8c", "int4c", "int2c")
-_SYMMETRIC = ("fp8_e4m3", "fp8_e5m2", "int8")
-_DEFAULT_GROUP = 32
+_ABSMAX = ("fp8_e4m3", "fp8_e5m2", "int8")
+_RAW = ("fp32", "fp16", "bf16")
+_GROUPS = (32, 64, 128, 256, 512)
+# docs/format.md: Lloyd-Max levels of N(0, 1), positive half, as fp32 constants
+NF_MAGNITUDES = {
+    2: [0.452780, 1.510418],
+    3: [0.245094, 0.756005, 1.343909, 2.151946],
+    4: [0.128395, 0.388048, 0.656759, 0.942340, 1.256231, 1.618046, 2.069017, 2.732590],
+}
+NF_SCALES = [0.8, 0.9, 1.0, 1.1]  # candidate multiples of a group's rms, as fp32
+HADAMARD_SEED = 0x6B76636F
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """fp32 levels by code: code c >= 2^(b-1) is +m[c - 2^(b-1)], else -m[2^(b-1) - 1 - c]."""
+    m = torch.tensor(NF_MAGNITUDES[bits], dtype=torch.float32)
+    return torch.cat([-m.flip(0), m])
 
 
 # ----------------------------------------------------------------- parsing
 @dataclass(frozen=True)
 class RefSide:
     kind: str
-    group: int = 0  # channels per (scale, zero) pair of int4/int2, else 0
+    group: int = 0        # channels per scale of per-token quantized kinds; 0: the whole row
+    sym: bool = False     # int4/int3/int2 ":s"
+    rotated: bool = False  # ":h"
 
     @property
     def bits(self) -> int:
@@ -48,7 +69,7 @@ class RefSide:
 
     @property
     def raw(self) -> bool:
-        return self.kind in ("fp32", "fp16", "bf16")
+        return self.kind in _RAW
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,57 +81,98 @@ class RefSide:
         return self.kind in ("fp8_e4m3", "fp8_e5m2")
 
     @property
-    def symmetric(self) -> bool:
-        return self.kind in _SYMMETRIC
+    def absmax(self) -> bool:
+        return self.kind in _ABSMAX
 
     @property
-    def grouped(self) -> bool:
-        return self.kind in _GROUPED
+    def symmetric(self) -> bool:
+        """Scale only, no zero: fp8, int8, NF and int*:s."""
+        return self.absmax or self.nf or self.sym
+
+    @property
+    def nf(self) -> bool:
+        return self.kind in _NF
+
+    @property
+    def asym(self) -> bool:
+        """Per-token asymmetric int4/int3/int2: a scale and a zero per group."""
+        return self.kind in _INTS and not self.sym
 
     @property
     def per_channel(self) -> bool:
         return self.kind in _PER_CHANNEL
 
     @property
-    def asymmetric(self) -> bool:
-        return self.grouped or self.per_channel
+    def token_quant(self) -> bool:
+        return not self.raw and not self.per_channel
+
+    @property
+    def halves(self) -> int:
+        """16-bit metadata words per group: scale (and zero)."""
+        return 2 if self.asym else 1
 
     @property
     def levels(self) -> int:
-        """L = 2^bits - 1 of the asymmetric kinds."""
+        """L = 2^bits - 1 of the integer kinds."""
         return (1 << self.bits) - 1
+
+    def group_size(self, head_dim: int) -> int:
+        return self.group or head_dim
 
     @property
     def name(self) -> str:
-        if self.grouped and self.group != _DEFAULT_GROUP:
-            return f"{self.kind}:g{self.group}"
-        return self.kind
+        s = self.kind
+        if self.group != default_group(self.kind):
+            s += f":g{self.group}"
+        if self.sym:
+            s += ":s"
+        if self.rotated:
+            s += ":h"
+        return s
 
     def head_dim_ok(self, head_dim: int) -> bool:
         if self.bits < 8 and head_dim % 32:
             return False
-        if self.grouped and head_dim % self.group:
+        if self.group and head_dim % self.group:
+            return False
+        if self.rotated and head_dim & (head_dim - 1):
             return False
         return True
 
 
+def default_group(kind: str) -> int:
+    return 32 if kind in _INTS + _NF else 0
+
+
 def _parse_side(text: str) -> RefSide:
-    text = text.strip()
-    if text == "fp8":
-        text = "fp8_e4m3"
-    base, _, group = text.partition(":")
+    parts = text.strip().split(":")
+    base = "fp8_e4m3" if parts[0] == "fp8" else parts[0]
     if base not in _KIND_BITS:
         raise ValueError(f"unknown format side {text!r}")
-    if base not in _GROUPED:
-        if group:
-            raise ValueError(f"{base} takes no group size")
-        return RefSide(base, 0)
-    if not group:
-        return RefSide(base, _DEFAULT_GROUP)
-    sizes = {"g32": 32, "g64": 64, "g128": 128}
-    if group not in sizes:
-        raise ValueError(f"bad group {group!r}")
-    return RefSide(base, sizes[group])
+    group, sym, rotated = default_group(base), False, False
+    seen = set()
+    for flag in parts[1:]:
+        key = "g" if flag.startswith("g") and len(flag) > 1 else flag
+        if key in seen:
+            raise ValueError(f"flag {flag!r} repeated")
+        seen.add(key)
+        if flag == "h":
+            if base in _RAW + _PER_CHANNEL:
+                raise ValueError(f"{base} takes no :h")
+            rotated = True
+        elif flag == "s":
+            if base not in _INTS:
+                raise ValueError(f"{base} takes no :s")
+            sym = True
+        elif key == "g":
+            if base in _RAW + _PER_CHANNEL:
+                raise ValueError(f"{base} takes no group size")
+            if flag[1:] not in tuple(str(g) for g in _GROUPS):
+                raise ValueError(f"bad group {flag!r}")
+            group = int(flag[1:])
+        else:
+            raise ValueError(f"unknown flag {flag!r}")
+    return RefSide(base, group, sym, rotated)
 
 
 @dataclass(frozen=True)
@@ -130,12 +192,10 @@ def _align16(x: int) -> int:
 def make_section(side: RefSide, head_dim: int, block_size: int, offset: int) -> Section:
     row = head_dim * side.bits // 8
     data = _align16(block_size * row)
-    if side.symmetric:
-        meta = block_size * 4
-    elif side.grouped:
-        meta = block_size * (head_dim // side.group) * 8
+    if side.token_quant:
+        meta = block_size * (head_dim // side.group_size(head_dim)) * side.halves * 2
     elif side.per_channel:
-        meta = head_dim * 8
+        meta = head_dim * 4
     else:
         meta = 0
     return Section(offset, row, data, offset + data, meta, offset + _align16(data + meta))
@@ -164,7 +224,9 @@ class RefFormat:
         return ks, vs
 
     def natural_bytes(self, head_dim: int, block_size: int) -> int:
-        return self.sections(head_dim, block_size)[1].end
+        """Both sections, padded to whole tokens' worth of bytes (a multiple of block_size)."""
+        end = self.sections(head_dim, block_size)[1].end
+        return -(-end // block_size) * block_size
 
     def tile_bytes(self, head_dim: int, block_size: int) -> int:
         table = _tile_table(self.name)
@@ -264,59 +326,219 @@ def _fp8_decode(kind: str, code: torch.Tensor) -> torch.Tensor:
     return torch.where((code & 0x80) != 0, -val, val)
 
 
-# --------------------------------------------------------------- quantizers
+# ------------------------------------------------------ 16-bit metadata
 def _f32(x) -> torch.Tensor:
     return x.to(torch.float32)
+
+
+def half_bits(h: torch.Tensor) -> torch.Tensor:
+    """fp16 values -> their bits as int64."""
+    return h.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def half_value(bits: torch.Tensor) -> torch.Tensor:
+    """int64 half bits -> float32 values."""
+    b = bits & 0xFFFF
+    b = torch.where(b >= 0x8000, b - 0x10000, b)
+    return b.to(torch.int16).view(torch.float16).to(torch.float32)
+
+
+def half_up(x: torch.Tensor) -> torch.Tensor:
+    """Bits of the smallest half >= x (fp32 x, |x| <= 65504)."""
+    h = x.to(torch.float16)
+    inf = torch.full_like(h, math.inf)
+    h = torch.where(h.to(torch.float32) < x, torch.nextafter(h, inf), h)
+    return half_bits(h)
+
+
+def half_down(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    h = torch.where(h.to(torch.float32) > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+    return half_bits(h)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma(a, b, c), through float64 (a * b is exact there)."""
+    return (a.double() * b.double() + c.double()).to(torch.float32)
+
+
+def _octet_tree(s: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (octet sums) pairwise, neighbours first, in fp32."""
+    s = s.clone()
+    n, w = s.shape[-1], 1
+    while w < n:
+        idx = torch.arange(0, n - w, 2 * w)
+        s[..., idx] = s[..., idx] + s[..., idx + w]
+        w *= 2
+    return s[..., 0]
+
+
+# ------------------------------------------------------------ rotation
+def hadamard_signs(n: int) -> torch.Tensor:
+    """docs: sign(i) = -1 iff the murmur3 finalizer of i * 0x9e3779b1 + seed is odd."""
+    out = []
+    M = 0xFFFFFFFF
+    for i in range(n):
+        h = (i * 0x9E3779B1 + HADAMARD_SEED) & M
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & M
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & M
+        h ^= h >> 16
+        out.append(-1.0 if h & 1 else 1.0)
+    return torch.tensor(out)
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard along the last dim, stage w = 1, 2, 4, ...:
+    (x[j], x[j + w]) -> (a + b, a - b), in x's dtype."""
+    n, w = x.shape[-1], 1
+    y = x.clone()
+    while w < n:
+        v = y.reshape(y.shape[:-1] + (n // (2 * w), 2, w))
+        a, b = v[..., 0, :], v[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(x.shape)
+        w *= 2
+    return y
+
+
+def _norm32(n: int) -> torch.Tensor:
+    return torch.tensor(1.0, dtype=torch.float32) / torch.sqrt(torch.tensor(float(n), dtype=torch.float32))
+
+
+def rotate32(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' fp32 rotation R x = H D x / sqrt(n) of rows x [..., n]."""
+    n = x.shape[-1]
+    return _fwht(_f32(x) * hadamard_signs(n).to(torch.float32)) * _norm32(n)
+
+
+def rotation_matrix(n: int) -> torch.Tensor:
+    """float64 R = H D / sqrt(n): rotate64(x) = x @ R.T."""
+    return _fwht(torch.eye(n, dtype=torch.float64)).T * hadamard_signs(n).double() / math.sqrt(n)
+
+
+def unrotate64(y: torch.Tensor) -> torch.Tensor:
+    """R^T y in float64."""
+    n = y.shape[-1]
+    return _fwht(y.double()) / math.sqrt(n) * hadamard_signs(n).double()
+
+
+# --------------------------------------------------------------- quantizers
+def _group_meta(side: RefSide, xg: torch.Tensor) -> torch.Tensor:
+    """Half bits [..., groups, halves] of groups xg [..., groups, G] (fp32)."""
+    if side.absmax:
+        top = FP8_MAX.get(side.kind, 127.0)
+        return half_up(xg.abs().amax(-1, keepdim=True) / top)
+    if side.asym:
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        z = half_down(lo)
+        return torch.cat([half_up((hi - half_value(z)) / float(side.levels)), z], -1)
+    if side.sym:
+        i = xg.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes
+        d = xg.gather(-1, i) / -float(1 << (side.bits - 1))
+        return half_up(d.abs()) | (torch.signbit(d).to(torch.int64) << 15)
+    return _nf_meta(side, xg)
+
+
+def _nf_codes(side: RefSide, y: torch.Tensor) -> torch.Tensor:
+    lev = nf_levels(side.bits)
+    mids = (lev[1:] + lev[:-1]) * 0.5  # fp32, as the kernels
+    return (y[..., None] >= mids).sum(-1)
+
+
+def _nf_meta(side: RefSide, xg: torch.Tensor) -> torch.Tensor:
+    """docs: rms of the group, then the candidate f * rms (rounded up to a
+    half) whose codes leave the smallest squared error, the first on ties."""
+    G = xg.shape[-1]
+    oct_ = xg.reshape(xg.shape[:-1] + (G // 8, 8))
+    acc = torch.zeros(oct_.shape[:-1], dtype=torch.float32)
+    for e in range(8):
+        acc = _fma32(oct_[..., e], oct_[..., e], acc)
+    rms = torch.sqrt(_octet_tree(acc) / float(G))[..., None]
+    lev = nf_levels(side.bits)
+    best_err = torch.full(rms.shape, math.inf, dtype=torch.float32)
+    best = torch.zeros(rms.shape, dtype=torch.int64)
+    for f in NF_SCALES:
+        h = half_up(torch.clamp(rms * torch.tensor(f, dtype=torch.float32), max=HALF_MAX))
+        sc = half_value(h)
+        safe = torch.where(sc == 0, torch.ones_like(sc), sc)
+        codes = _nf_codes(side, (oct_ / safe[..., None]))
+        acc = torch.zeros(oct_.shape[:-1], dtype=torch.float32)
+        for e in range(8):
+            d = _fma32(-sc.expand_as(acc), lev[codes[..., e]], oct_[..., e])
+            acc = _fma32(d, d, acc)
+        err = _octet_tree(acc)[..., None]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, h, best)
+        best = torch.where(sc == 0, torch.zeros_like(best), best)  # an all-zero group
+        best_err = torch.where(sc == 0, torch.full_like(best_err, -1.0), best_err)
+    return best
+
+
+def _params(side: RefSide, meta: torch.Tensor):
+    """fp32 (scale, zero) of half meta [..., halves]."""
+    s = half_value(meta[..., 0:1])
+    if side.asym or side.per_channel:
+        return s, half_value(meta[..., 1:2])
+    if side.sym:
+        return s, -float(1 << (side.bits - 1)) * s
+    return s, torch.zeros_like(s)
+
+
+def _codes(side: RefSide, xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if side.kind == "int8":
+        y = torch.where(scale > 0, xg / scale, torch.zeros_like(xg))
+        return torch.round(y).clamp(-127, 127).to(torch.int64) & 0xFF
+    if side.fp8:
+        return _fp8_encode(side.kind, torch.where(scale > 0, xg / scale, torch.zeros_like(xg)))
+    if side.nf:
+        return _nf_codes(side, torch.where(scale > 0, xg / torch.where(scale > 0, scale, 1.0),
+                                           torch.zeros_like(xg)))
+    y = torch.where(scale != 0, (xg - zero) / scale, torch.zeros_like(xg))
+    return torch.round(y).clamp(0, side.levels).to(torch.int64)
+
+
+def stored_values(side: RefSide, x: torch.Tensor) -> torch.Tensor:
+    """What a side quantizes: x in fp32, rotated for ':h'."""
+    return rotate32(x) if side.rotated else _f32(x)
 
 
 def quantize_rows(side: RefSide, x: torch.Tensor):
     """Per-token quantization of rows x [..., head_dim] (any float dtype,
     converted to fp32 as the kernels see it). Returns (codes int64 [..., hd],
-    meta float32 [..., m]): m = 0 (raw), 1 (scale: fp8/int8) or
-    2*head_dim/G interleaved (scale, zero) pairs (int4/int2)."""
+    meta int64 half bits [..., groups * halves])."""
     assert not side.per_channel
     x = _f32(x)
     hd = x.shape[-1]
     if side.kind == "fp32":
-        return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF, x.new_zeros(x.shape[:-1] + (0,))
+        return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF, torch.zeros(x.shape[:-1] + (0,), dtype=torch.int64)
     if side.raw:
         dt = torch.float16 if side.kind == "fp16" else torch.bfloat16
         codes = x.to(dt).view(torch.int16).to(torch.int64) & 0xFFFF
-        return codes, x.new_zeros(x.shape[:-1] + (0,))
-    if side.symmetric:
-        top = FP8_MAX.get(side.kind, 127.0)
-        absmax = x.abs().amax(dim=-1, keepdim=True)
-        scale = absmax / top  # fp32 division
-        y = torch.where(scale > 0, x / scale, torch.zeros_like(x))
-        if side.fp8:
-            codes = _fp8_encode(side.kind, y)
-        else:
-            codes = torch.round(y).clamp(-127, 127).to(torch.int64) & 0xFF
-        return codes, scale
-    # grouped asymmetric
-    G, L = side.group, float(side.levels)
-    xg = x.reshape(x.shape[:-1] + (hd // G, G))
-    lo = xg.amin(dim=-1, keepdim=True)
-    hi = xg.amax(dim=-1, keepdim=True)
-    scale = hi / L - lo / L  # each step in fp32, as the docs write it
-    y = torch.where(scale > 0, (xg - lo) / scale, torch.zeros_like(xg))
-    codes = torch.round(y).clamp(0, L).to(torch.int64).reshape(x.shape)
-    meta = torch.cat([scale, lo], dim=-1).reshape(x.shape[:-1] + (2 * (hd // G),))
-    return codes, meta
+        return codes, torch.zeros(x.shape[:-1] + (0,), dtype=torch.int64)
+    y = stored_values(side, x)
+    G = side.group_size(hd)
+    yg = y.reshape(y.shape[:-1] + (hd // G, G))
+    meta = _group_meta(side, yg)
+    scale, zero = _params(side, meta)
+    codes = _codes(side, yg, scale, zero).reshape(x.shape)
+    return codes, meta.reshape(x.shape[:-1] + (-1,))
 
 
 def quantize_block_per_channel(side: RefSide, x: torch.Tensor):
     """Per-channel quantization of one block x [..., n, head_dim] (n >= 1).
-    Returns (codes int64 [..., n, hd], meta float32 [..., 2*hd] = scale[hd], zero[hd])."""
+    Returns (codes int64 [..., n, hd], meta half bits [..., 2*hd] = scale[hd], zero[hd])."""
     assert side.per_channel
     x = _f32(x)
-    L = float(side.levels)
     lo = x.amin(dim=-2, keepdim=True)
     hi = x.amax(dim=-2, keepdim=True)
-    scale = hi / L - lo / L
-    y = torch.where(scale > 0, (x - lo) / scale, torch.zeros_like(x))
-    codes = torch.round(y).clamp(0, L).to(torch.int64)
-    meta = torch.cat([scale.squeeze(-2), lo.squeeze(-2)], dim=-1)
+    z = half_down(lo)
+    sc = half_up((hi - half_value(z)) / float(side.levels))
+    scale, zero = half_value(sc), half_value(z)
+    y = torch.where(scale != 0, (x - zero) / scale, torch.zeros_like(x))
+    codes = torch.round(y).clamp(0, side.levels).to(torch.int64)
+    meta = torch.cat([sc.squeeze(-2), z.squeeze(-2)], dim=-1)
     return codes, meta
 
 
@@ -334,6 +556,8 @@ def code_values(side: RefSide, codes: torch.Tensor) -> torch.Tensor:
         return _fp8_decode(side.kind, codes)
     if side.kind == "int8":
         return (((codes & 0xFF) ^ 0x80) - 0x80).to(torch.float64)
+    if side.nf:
+        return nf_levels(side.bits).double()[codes]
     return codes.to(torch.float64)
 
 
@@ -343,26 +567,26 @@ def _u16_to(codes: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return c.to(torch.int16).view(dt).to(torch.float64)
 
 
-def dequantize_rows(side: RefSide, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """float64 values of per-token codes [..., hd] with their meta [..., m]."""
+def dequantize_rows(side: RefSide, codes: torch.Tensor, meta: torch.Tensor, rotated_space: bool = False
+                    ) -> torch.Tensor:
+    """float64 values of per-token codes [..., hd] with their meta [..., m]:
+    true values (turned back for ':h'), or the stored ones (rotated_space)."""
     v = code_values(side, codes)
     if side.raw:
         return v
-    meta = meta.to(torch.float64)
-    if side.symmetric:
-        return v * meta
-    hd, G = codes.shape[-1], side.group
-    pairs = meta.reshape(meta.shape[:-1] + (hd // G, 2))
-    scale = pairs[..., 0].repeat_interleave(G, dim=-1)
-    zero = pairs[..., 1].repeat_interleave(G, dim=-1)
-    return v * scale + zero
+    hd = codes.shape[-1]
+    G = side.group_size(hd)
+    m = meta.reshape(meta.shape[:-1] + (hd // G, side.halves))
+    scale, zero = (t.double().repeat_interleave(G, dim=-1).reshape(codes.shape) for t in _params(side, m))
+    y = v * scale + zero
+    return unrotate64(y) if side.rotated and not rotated_space else y
 
 
 def dequantize_block_per_channel(side: RefSide, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """codes [..., n, hd], meta [..., 2*hd] -> float64 [..., n, hd]."""
+    """codes [..., n, hd], meta half bits [..., 2*hd] -> float64 [..., n, hd]."""
     hd = codes.shape[-1]
-    meta = meta.to(torch.float64)
-    scale, zero = meta[..., :hd].unsqueeze(-2), meta[..., hd:].unsqueeze(-2)
+    scale = half_value(meta[..., :hd]).double().unsqueeze(-2)
+    zero = half_value(meta[..., hd:]).double().unsqueeze(-2)
     return code_values(side, codes) * scale + zero
 
 
@@ -375,6 +599,11 @@ def pack_codes(side: RefSide, codes: torch.Tensor) -> torch.Tensor:
         return torch.stack(parts, dim=-1).reshape(codes.shape[:-1] + (b // 8 * hd,)).to(torch.uint8)
     if b == 8:
         return (codes & 0xFF).to(torch.uint8)
+    if b == 3:  # low two bits as int2, then bit 2 of channels 8j..8j+7 in byte 8 + j
+        low = pack_codes(RefSide("int2"), codes & 3).reshape(codes.shape[:-1] + (hd // 32, 8))
+        bit = ((codes >> 2) & 1).reshape(codes.shape[:-1] + (hd // 32, 4, 8))
+        high = (bit << torch.arange(8)).sum(-1)
+        return torch.cat([low.to(torch.int64), high], -1).reshape(codes.shape[:-1] + (hd * 3 // 8,)).to(torch.uint8)
     cb = 4 * b  # bytes a chunk of 32 channels
     c = codes.reshape(codes.shape[:-1] + (hd // 32, 8 // b, cb))  # channel i = s*cb + byte
     out = torch.zeros(c.shape[:-2] + (cb,), dtype=torch.int64)
@@ -392,20 +621,27 @@ def unpack_codes(side: RefSide, rows: torch.Tensor, head_dim: int) -> torch.Tens
         return sum(r[..., i] << (8 * i) for i in range(b // 8))
     if b == 8:
         return r
+    if b == 3:
+        r = r.reshape(r.shape[:-1] + (head_dim // 32, 12))
+        low = unpack_codes(RefSide("int2"), r[..., :8].reshape(r.shape[:-2] + (head_dim // 4,)), head_dim)
+        high = (r[..., 8:, None] >> torch.arange(8)) & 1  # [.., chunks, 4, 8]
+        return low | (high.reshape(low.shape) << 2)
     cb = 4 * b
     r = r.reshape(r.shape[:-1] + (head_dim // 32, cb))
     parts = [(r >> (b * s)) & ((1 << b) - 1) for s in range(8 // b)]
     return torch.stack(parts, dim=-2).reshape(rows.shape[:-1] + (head_dim,))
 
 
-def _f32_bytes(meta: torch.Tensor) -> torch.Tensor:
-    m = meta.to(torch.float32).contiguous()
-    return m.view(torch.uint8).reshape(m.shape[:-1] + (m.shape[-1] * 4,))
+def _half_bytes(meta: torch.Tensor) -> torch.Tensor:
+    """int64 half bits [..., m] -> little-endian uint8 [..., 2m]."""
+    m = meta & 0xFFFF
+    return torch.stack([m & 0xFF, m >> 8], -1).reshape(m.shape[:-1] + (2 * m.shape[-1],)).to(torch.uint8)
 
 
-def _bytes_f32(raw: torch.Tensor) -> torch.Tensor:
-    r = raw.contiguous()
-    return r.view(torch.float32).reshape(r.shape[:-1] + (r.shape[-1] // 4,))
+def _bytes_half(raw: torch.Tensor) -> torch.Tensor:
+    r = raw.to(torch.int64)
+    r = r.reshape(r.shape[:-1] + (r.shape[-1] // 2, 2))
+    return r[..., 0] | (r[..., 1] << 8)
 
 
 # ------------------------------------------------------------ pool decoding
@@ -424,7 +660,7 @@ def ref_decode_pool(pool: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tenso
         rows = pool[:, :, sec.offset: sec.offset + bs * sec.row_bytes]
         rows = rows.reshape(pool.shape[0], pool.shape[1], bs, sec.row_bytes)
         codes = unpack_codes(side, rows, hd)
-        meta = _bytes_f32(pool[:, :, sec.meta_offset: sec.meta_offset + sec.meta_bytes])
+        meta = _bytes_half(pool[:, :, sec.meta_offset: sec.meta_offset + sec.meta_bytes])
         if side.per_channel:
             out.append(dequantize_block_per_channel(side, codes, meta))
         else:
@@ -463,13 +699,13 @@ def _write_rows(pool, side, sec, blocks, offsets, codes, meta):
     codes [n, H, hd], meta [n, H, m]."""
     rb = sec.row_bytes
     packed = pack_codes(side, codes)  # [n, H, rb]
-    mb = _f32_bytes(meta) if meta.shape[-1] else None
+    mb = _half_bytes(meta) if meta.shape[-1] else None
     m = meta.shape[-1]
     for i in range(len(blocks)):
         blk, t = int(blocks[i]), int(offsets[i])
         pool[blk, :, sec.offset + t * rb: sec.offset + (t + 1) * rb] = packed[i]
         if mb is not None:
-            pool[blk, :, sec.meta_offset + t * m * 4: sec.meta_offset + (t + 1) * m * 4] = mb[i]
+            pool[blk, :, sec.meta_offset + t * m * 2: sec.meta_offset + (t + 1) * m * 2] = mb[i]
 
 
 def ref_quantize_write(pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -514,39 +750,71 @@ def ref_seal_blocks(hot_pool, src_blocks, cold_pool, dst_blocks, hot_spec, cold_
             cold[db, :, sec.offset: sec.offset + bs * sec.row_bytes] = \
                 pack_codes(side, codes).reshape(x.shape[0], -1)
             if sec.meta_bytes:
-                mbytes = _f32_bytes(meta.reshape(x.shape[0], -1))
+                mbytes = _half_bytes(meta.reshape(x.shape[0], -1))
                 cold[db, :, sec.meta_offset: sec.meta_offset + mbytes.shape[-1]] = mbytes
     return cold
 
 
 # ------------------------------------------------------------- error bounds
+def _half_scale(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of x (>= 0) rounded up to a half."""
+    return x * (1 + H16) + 2.0 ** -24
+
+
+def _stored_bound(side: RefSide, x: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |y_hat - y| of the values a side quantizes, y
+    [..., hd] float64: the contract bound with the stored scale rounded up
+    to a half (and zeros down), plus the slack of fp32 arithmetic (u = 2^-24):
+      int8:      scale/2, scale <= absmax/127 rounded up       + 8u*absmax
+      fp8:       rel*|x| (normal), half subnormal step*scale   + 8u*(|x| + scale)
+      int*:      scale/2, scale <= (max - zero)/(2^b-1) rounded up, zero <= min
+      int*:s     one step (the side opposite the largest magnitude clips), scale
+                 <= absmax/2^(b-1) rounded up
+      nf*:       half the widest gap between levels times the largest candidate
+                 scale, or |x| beyond the outer level at the smallest one."""
+    hd = x.shape[-1]
+    G = side.group_size(hd)
+    xg = x.reshape(x.shape[:-1] + (hd // G, G))
+    amax = xg.abs().amax(-1, keepdim=True)
+    if side.kind == "int8":
+        b = _half_scale(amax / 127) / 2 + 8 * U32 * amax
+    elif side.fp8:
+        scale = _half_scale(amax / FP8_MAX[side.kind])
+        b = torch.maximum(FP8_REL[side.kind] * xg.abs(), FP8_HALF_SUB_STEP[side.kind] * scale)
+        b = b + 8 * U32 * (xg.abs() + scale)
+    elif side.asym:
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        zero = lo - torch.maximum(lo.abs() * H16, torch.full_like(lo, 2.0 ** -24))
+        scale = _half_scale((hi - zero) / side.levels)
+        b = scale / 2 + 16 * U32 * (amax + hi - zero)
+    elif side.sym:
+        scale = _half_scale(amax / (1 << (side.bits - 1)))
+        b = scale + 16 * U32 * (amax + scale * (1 << side.bits))
+    else:
+        mag = torch.tensor(NF_MAGNITUDES[side.bits], dtype=torch.float64)
+        half_gap = max((mag[1:] - mag[:-1]).max().item(), 2 * mag[0].item()) / 2
+        rms = xg.pow(2).mean(-1, keepdim=True).sqrt()
+        s_lo, s_hi = min(NF_SCALES) * rms, _half_scale(max(NF_SCALES) * rms)
+        b = torch.maximum(s_hi * half_gap, xg.abs() - s_lo * mag[-1].item())
+        b = b + 16 * U32 * (xg.abs() + s_hi * mag[-1].item())
+    return b.expand_as(xg).reshape(x.shape)
+
+
 def token_error_bound(side: RefSide, x: torch.Tensor) -> torch.Tensor:
     """Per-element bound on |x_hat - x| for per-token kinds, x [..., hd] float64
-    (the values as the kernel sees them: fp32). Contract bound plus the slack
-    of fp32 arithmetic (stored fp32 scale, code computation, final fma):
-      int8:      absmax/127/2          + 8u*absmax
-      int4/int2: (max-min)/(2^b-1)/2   + 16u*max(|max|, |min|)  (per group)
-      fp8:       rel*|x| (normal), half subnormal step*scale   + 8u*(|x| + scale)
-    with u = 2^-24 (each rounding contributes at most ~u times the
-    magnitude involved: ~3 for int8, ~9 for the asymmetric kinds)."""
+    (the values as the kernel sees them: fp32). For a rotated side the bounds
+    hold in rotated space, so the true values' error is bounded by the L2 norm
+    of the rotated bounds (the rotation is orthogonal), plus the fp32 rounding
+    of the rotation and its inverse (log2(hd) butterfly stages each)."""
     x = x.to(torch.float64)
     hd = x.shape[-1]
     if side.raw:
         return torch.zeros_like(x)
-    if side.kind == "int8":
-        absmax = x.abs().amax(dim=-1, keepdim=True)
-        return (absmax / 127 / 2 + 8 * U32 * absmax).expand_as(x)
-    if side.fp8:
-        absmax = x.abs().amax(dim=-1, keepdim=True)
-        scale = absmax / FP8_MAX[side.kind]
-        b = torch.maximum(FP8_REL[side.kind] * x.abs(), FP8_HALF_SUB_STEP[side.kind] * scale)
-        return b + 8 * U32 * (x.abs() + scale)
-    G = side.group
-    xg = x.reshape(x.shape[:-1] + (hd // G, G))
-    lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    mag = torch.maximum(lo.abs(), hi.abs())
-    b = (hi - lo) / side.levels / 2 + 16 * U32 * mag
-    return b.expand_as(xg).reshape(x.shape)
+    if not side.rotated:
+        return _stored_bound(side, x)
+    b = _stored_bound(side, x @ rotation_matrix(hd).T)
+    slack = 4 * (math.log2(hd) + 1) * U32 * x.abs().sum(-1, keepdim=True) / math.sqrt(hd)
+    return (b.pow(2).sum(-1, keepdim=True).sqrt() + slack).expand_as(x)
 
 
 def channel_error_bound(side: RefSide, x: torch.Tensor) -> torch.Tensor:
@@ -554,7 +822,9 @@ def channel_error_bound(side: RefSide, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float64)
     lo, hi = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)
     mag = torch.maximum(lo.abs(), hi.abs())
-    return ((hi - lo) / side.levels / 2 + 16 * U32 * mag).expand_as(x)
+    zero = lo - torch.maximum(lo.abs() * H16, torch.full_like(lo, 2.0 ** -24))
+    scale = _half_scale((hi - zero) / side.levels)
+    return (scale / 2 + 16 * U32 * (mag + hi - zero)).expand_as(x)
 
 
 # ------------------------------------------------------------------- ops

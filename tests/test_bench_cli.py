@@ -49,7 +49,7 @@ def test_memory_llama3_8b(tmp_path, capsys):
     assert data["cache_bytes_available"] == pytest.approx(free)
     assert rows["fp16"]["max_context"] == free // (131072 * 16) * 16
     assert rows["fp16"]["max_batch"] == free // (131072 * 32768) == 0  # 4.3 GB a sequence
-    assert rows["int2"]["max_batch"] == free // (32768 * 32768) == 3
+    assert rows["int2"]["max_batch"] == free // (24576 * 32768) == 4  # 96 B a token and head (16-bit scales)
     assert rows["int4"]["max_context"] > rows["int8"]["max_context"] > rows["fp16"]["max_context"]
 
 

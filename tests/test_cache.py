@@ -22,6 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvcomp import CacheFullError, PagedKVCache, Policy, ops, policies as P
 from helpers import assert_bounded, dtype_eps, examples, gen_from, heavy_tailed
+import reference
 from reference import (U32, channel_error_bound, parse_format, ref_attention, ref_decode_pool,
                        token_error_bound)
 
@@ -756,7 +757,8 @@ def test_forget(policy, kind):
     sigs = _signatures(r.c, "a", start, end)
     sigs = sigs[::max(1, len(sigs) // 300)]  # a sample keeps the scan fast
     before = _all_bytes(r.c)
-    usable = [x for x in sigs if len(set(x)) > 1 and before.count(x) == 1]
+    # a 2-byte string (int8's one fp16 scale) recurs in other tokens' bytes by chance
+    usable = [x for x in sigs if len(x) >= 4 and len(set(x)) > 1 and before.count(x) == 1]
     b_state = [r.c.positions("b", l) for l in range(2)]
     r.forget("a", start, end)
     after = _all_bytes(r.c)
@@ -823,8 +825,11 @@ def test_forget_distinctive_constant_leaves_no_trace():
         pats += [torch.tensor([-m], dtype=F32).numpy().tobytes() for m in marks]
         if policy.hot_window is None:
             assert all(_all_bytes(r.c).count(p_) for p_ in pats)
-        else:   # int8: the constant is each token's absmax, its scale is m/127
-            scales = [(torch.tensor([m], dtype=F32) / 127).numpy().tobytes() for m in marks]
+        else:   # int8: the constant is each token's absmax, its scale m/127 rounded up to
+            # a half; neighbouring tokens' scales are adjacent (4 bytes: distinctive)
+            half = [int(reference.half_up(torch.tensor([m], dtype=F32) / 127)) for m in marks]
+            scales = [bytes([a & 255, a >> 8, b & 255, b >> 8]) for j, (a, b) in enumerate(zip(half, half[1:]))
+                      if (60 + j) // 16 == (61 + j) // 16]
             assert all(_all_bytes(r.c).count(p_) for p_ in scales)
             pats += scales
         r.forget(0, 60, 80)

@@ -38,12 +38,22 @@ def mark(pos: int, head: int) -> float:
     return 10000.5 + 4 * pos + 2 * head  # exact in fp32, unique per (position, head)
 
 
+def int8_codes(pos: int, head: int) -> tuple[int, int]:
+    """Two int8 codes unique per (position, head) for positions below 12700."""
+    return pos % 100, pos // 100 + 4 * head + 1
+
+
 def marked(g, start: int, n: int):
-    """K, V [1, n, H, D] fp32 for positions start..start+n-1, V marked."""
+    """K, V [1, n, H, D] fp32 for positions start..start+n-1, V marked: the
+    mark and its negative (the row's absmax: int8 codes 127, -127), then two
+    values whose int8 codes are int8_codes (a 4-byte string per token even in
+    an int8 tier, whose one fp16 scale is too short to be distinctive)."""
     k, v = torch.randn(1, n, H, D, generator=g), torch.randn(1, n, H, D, generator=g)
     for i in range(n):
         for h in range(H):
-            v[0, i, h, 6], v[0, i, h, 7] = mark(start + i, h), -mark(start + i, h)
+            m = mark(start + i, h)
+            a, b = int8_codes(start + i, h)
+            v[0, i, h, 6], v[0, i, h, 7], v[0, i, h, 8], v[0, i, h, 9] = m, -m, m * a / 127, m * b / 127
     return k, v
 
 
@@ -53,7 +63,7 @@ def patterns(c: PagedKVCache, positions) -> list[bytes]:
         for h in range(H):
             out.append(struct.pack("<ff", mark(p, h), -mark(p, h)))
             if "int8" in c.cold_format:
-                out.append((torch.tensor([mark(p, h)], dtype=F32) / 127).numpy().tobytes())
+                out.append(bytes([0x7F, 0x81, *int8_codes(p, h)]))
     return out
 
 

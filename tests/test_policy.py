@@ -83,7 +83,7 @@ def test_full_policy_is_default_of_cache():
 
 # --------------------------------------------------------------- validation
 BAD_POLICIES = [
-    (dict(cold_format="int3"), "int3"),
+    (dict(cold_format="int5"), "int5"),
     (dict(cold_format="bogus/int4"), "bogus"),
     (dict(block_size=8), "block_size"),
     (dict(block_size=48), "block_size"),
@@ -150,7 +150,7 @@ def test_streaming_rejects_per_channel(fmt):
 
 def test_unknown_cold_format_message_names_field():
     with pytest.raises(ValueError, match="cold_format"):
-        Policy(cold_format="int3")
+        Policy(cold_format="int5")
 
 
 def test_valid_edge_policies():

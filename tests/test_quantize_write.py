@@ -1,12 +1,14 @@
 """quantize_write: exact bytes (docs/format.md), error bounds of the round
 trip, gather_dequant against the reference decoder, skips, determinism."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import kvcomp
 from kvcomp import ops
-from helpers import (examples, ACT_DTYPES, TOKEN_FORMATS, assert_bounded, assert_within_fp32_ulps,
+from helpers import (examples, ACT_DTYPES, TOKEN_FORMATS, assert_bounded, assert_gather_matches,
                      gen_from, head_dims_for, heavy_tailed)
 from reference import (BLOCK_SIZES, parse_format, ref_decode_pool, ref_gather,
                        ref_quantize_write, token_error_bound)
@@ -86,8 +88,7 @@ def test_quantize_write_roundtrip(c):
     RK, RV = ref_gather(pool, bt, sl, fmt)
     assert K.dtype == V.dtype == torch.float32
     assert K.shape == RK.shape == (1, c["hkv"], c["num_blocks"] * bs, hd)
-    assert_within_fp32_ulps(K, RK, 1, f"{fmt} gather K")
-    assert_within_fp32_ulps(V, RV, 1, f"{fmt} gather V")
+    assert_gather_matches(K, V, RK, RV, fmt, fmt)
     for dt in (torch.float16, torch.bfloat16):
         K2, V2 = ops.gather_dequant(pool, bt, sl, fmt, dt)
         assert K2.dtype == dt
@@ -146,7 +147,7 @@ def test_quantize_write_non_contiguous_inputs():
 
 def test_quantize_write_constant_and_tiny_rows():
     """A constant group stores scale 0 (exact); a row of one value repeated."""
-    for fmt in ("int4", "int2:g64", "int8", "fp8_e4m3", "fp8_e5m2"):
+    for fmt in ("int4", "int2:g64", "int8", "fp8_e4m3", "fp8_e5m2", "int3", "int4:s", "nf3", "nf2:h"):
         pool = kvcomp.allocate_pool(1, 16, 1, 64, fmt)
         k = torch.full((3, 1, 64), 1.25)
         k[1] = -3.5
@@ -160,19 +161,19 @@ def test_quantize_write_constant_and_tiny_rows():
         side = parse_format(fmt).k
         assert_bounded(Kt[0, 0, [0, 5, 15]], k[:, 0].double(),
                        token_error_bound(side, k[:, 0].double()), fmt)
-        if side.asymmetric:  # constant groups: scale 0, zero = the value, exact
+        if side.asym:  # constant groups: scale 0, zero = the value (a half here), exact
             assert torch.equal(Kt[0, 0, 0], k[0, 0].double())
             assert torch.equal(Kt[0, 0, 5], k[1, 0].double())
             if side.group == 32:
                 assert torch.equal(Kt[0, 0, 15, :32], k[2, 0, :32].double())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "int4:g64", "fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("mag", [1e-30, 1e30, 3e38])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "int4:g64", "fp8_e4m3", "fp8_e5m2", "int3:s", "nf3"])
+@pytest.mark.parametrize("mag", [1e-30, 1.0, 65504.0])
 def test_quantize_write_extreme_magnitudes(fmt, mag):
-    """Finite fp32 inputs of any magnitude are accepted, so the bounds hold
-    for them too (docs: scales are computed so a range near FLT_MAX cannot
-    overflow)."""
+    """Every magnitude the 16-bit scales hold (|x| <= 65504, subnormal halves
+    included) is accepted, and the bounds hold for it too (docs: scales round
+    up, zeros down, so no group's range overflows its codes)."""
     g = gen_from(8)
     k = (torch.rand(6, 2, 64, generator=g) * 2 - 1) * mag
     k[:, :, 0], k[:, :, 1] = mag, -mag  # every group spans about [-mag, mag]
@@ -188,3 +189,23 @@ def test_quantize_write_extreme_magnitudes(fmt, mag):
         xh = T[0, :, :6].permute(1, 0, 2)
         assert bool(torch.isfinite(xh).all()), f"{fmt} {name}: non-finite values decoded"
         assert_bounded(xh, x, token_error_bound(side, x), f"{fmt} {name} at magnitude {mag:g}")
+
+
+@pytest.mark.parametrize("fmt,limit", [("int4", 65504.0), ("int8", 65504.0), ("fp8_e5m2", 65504.0),
+                                       ("nf3:h", 65504.0 / 8), ("int4:g64:h", 65504.0 / 8)])
+@pytest.mark.parametrize("side", ["key", "value"])
+def test_quantize_write_beyond_half_range_rejected(fmt, limit, side):
+    """docs: a value its fp16 scales cannot hold (beyond 65504, or for a
+    rotated side 65504 / sqrt(head_dim), which a rotated coordinate can reach)
+    raises a ValueError naming the argument and the limit, and writes nothing;
+    the limit itself is stored."""
+    pool = kvcomp.allocate_pool(1, 16, 2, 64, fmt)
+    kv = {"key": torch.ones(3, 2, 64), "value": torch.ones(3, 2, 64)}
+    kv[side][1, 0, 5] = limit
+    ops.quantize_write(kv["key"], kv["value"], pool, torch.arange(3), fmt)
+    before = pool.clone()
+    for bad in (float(torch.nextafter(torch.tensor(limit), torch.tensor(math.inf))), 1e30, -3e38):
+        kv[side][1, 0, 5] = bad
+        with pytest.raises(ValueError, match=rf"{side}\[1\].*beyond"):
+            ops.quantize_write(kv["key"], kv["value"], pool, torch.arange(3), fmt)
+        assert torch.equal(pool, before)

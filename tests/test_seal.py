@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import kvcomp
 from kvcomp import ops
 from helpers import (examples, ACT_DTYPES, ALL_FORMATS, CHANNEL_FORMATS, HOT_FORMATS, assert_bounded,
-                     assert_within_fp32_ulps, gen_from, head_dims_for, heavy_tailed)
+                     assert_gather_matches, gen_from, head_dims_for, heavy_tailed)
 from reference import (BLOCK_SIZES, channel_error_bound, parse_format, ref_decode_pool,
                        ref_gather, ref_seal_blocks, token_error_bound)
 
@@ -86,8 +86,7 @@ def test_seal_roundtrip_bounds(c):
         sl = torch.tensor([c["n"] * c["bs"]], dtype=torch.int32)
         K, V = ops.gather_dequant(cold, bt, sl, c["cold"], torch.float32)
         RK, RV = ref_gather(cold, bt, sl, c["cold"])
-        assert_within_fp32_ulps(K, RK, 1, "gather K")
-        assert_within_fp32_ulps(V, RV, 1, "gather V")
+        assert_gather_matches(K, V, RK, RV, c["cold"], c["cold"])
 
 
 @given(fmt=st.sampled_from(CHANNEL_FORMATS), hot=st.sampled_from(HOT_FORMATS),
@@ -135,10 +134,12 @@ def test_seal_empty_and_repeat():
         assert torch.equal(cold[1], before[1])
 
 
-@pytest.mark.parametrize("fmt", ["int8c", "int4c", "int2c", "int4", "int8", "fp8_e4m3"])
-@pytest.mark.parametrize("mag", [1e-20, 1e30, 3e38])
+@pytest.mark.parametrize("fmt", ["int8c", "int4c", "int2c", "int4", "int8", "fp8_e4m3", "nf2"])
+@pytest.mark.parametrize("mag", [1e-20, 1.0, 6.0e4, 1e30, 3e38])  # 6e4: 65504 is no bf16
 def test_seal_extreme_bf16_magnitudes(fmt, mag):
-    """A bf16 hot tier holds any fp32 magnitude: sealing keeps the bounds."""
+    """A bf16 hot tier holds any fp32 magnitude: sealing keeps the bounds for
+    every one the cold tier's fp16 scales hold (|x| <= 65504), and a block
+    holding more is rejected, naming it and the limit, before anything is written."""
     g = gen_from(10)
     k = (torch.rand(16, 2, 64, generator=g) * 2 - 1) * mag
     k[:, :, 0], k[3, :, 1], k[5, :, 1] = mag, mag, -mag
@@ -147,6 +148,11 @@ def test_seal_extreme_bf16_magnitudes(fmt, mag):
     ops.quantize_write(k, k, hot, torch.arange(16), "bf16")
     cold = kvcomp.allocate_pool(1, 16, 2, 64, fmt)
     z = torch.zeros(1, dtype=torch.int32)
+    if mag > 65504:
+        with pytest.raises(ValueError, match=r"src_blocks\[0\] = 0 .*beyond \+-65504"):
+            ops.seal_blocks(hot, z, cold, z, "bf16", fmt)
+        assert not cold.any()
+        return
     ops.seal_blocks(hot, z, cold, z, "bf16", fmt)
     Kh, _ = ref_decode_pool(hot, "bf16")
     Kc, _ = ref_decode_pool(cold, fmt)

@@ -25,7 +25,7 @@ void compact_cpu(const Pool& pool, const BlockTables& bt, const int32_t* keep, i
         if (!is_per_channel(s.fmt.kind)) {
           // Ascending sources never lie below their destination: copy in order.
           for (int64_t j = 0; j < n; ++j)
-            if (src[j] != j) copy_token(s, tile(src[j]), (int)(src[j] % bs), tile(j), (int)(j % bs), hd);
+            if (src[j] != j) copy_token(s, tile(src[j]), (int)(src[j] % bs), tile(j), (int)(j % bs));
           continue;
         }
         // Per-channel scales span a block: decode every kept token first,

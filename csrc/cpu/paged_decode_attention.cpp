@@ -105,6 +105,47 @@ void with_slice(int nh, Args&&... args) {
   }
 }
 
+template <Kind K>
+struct Side {
+  template <int NH>
+  struct QK {
+    static void run(const Reader<K>& r, int n, const float* q, int hd, float* lg, int ld) {
+      qk_block<K, NH>(r, n, q, hd, lg, ld);
+    }
+  };
+  template <int NH>
+  struct PV {
+    static void run(const Reader<K>& r, int n, const float* p, int ld, int hd, float* acc) {
+      pv_block<K, NH>(r, n, p, ld, hd, acc);
+    }
+  };
+  // logits[h * bs + t] = q[h] . k[t] for the G heads of a KV head, n tokens.
+  static void logits(const Section& s, const uint8_t* tile, int n, const float* q, int G, int hd,
+                     int bs, float* logits) {
+    Reader<K> r(s, tile, hd);
+    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
+      with_slice<QK>(std::min(kHeadSlice, G - h0), r, n, q + h0 * hd, hd, logits + h0 * bs, bs);
+  }
+  // acc[h] += sum_t p[h * bs + t] * v[t]; p is scaled by a row scale in place.
+  static void values(const Section& s, const uint8_t* tile, int n, float* p, int G, int hd, int bs,
+                     float* acc) {
+    Reader<K> r(s, tile, hd);
+    if (r.row_scale())
+      for (int h = 0; h < G; ++h)
+        for (int t = 0; t < n; ++t) p[h * bs + t] *= r.token_scale(t);
+    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
+      with_slice<PV>(std::min(kHeadSlice, G - h0), r, n, p + h0 * bs, bs, hd, acc + h0 * hd);
+  }
+};
+
+using LogitsFn = void (*)(const Section&, const uint8_t*, int, const float*, int, int, int, float*);
+using ValuesFn = void (*)(const Section&, const uint8_t*, int, float*, int, int, int, float*);
+// The two sides of a format, each compiled for its own kind.
+struct Sides {
+  LogitsFn logits;
+  ValuesFn values;
+};
+
 // Online-softmax state of query heads: running max, sum and output.
 struct Partial {
   float* m;
@@ -112,97 +153,71 @@ struct Partial {
   float* acc;  // [heads][hd]
 };
 
-template <Kind KK, Kind VK>
-struct Item {
-  template <int NH>
-  struct QK {
-    static void run(const Reader<KK>& r, int n, const float* q, int hd, float* lg, int ld) {
-      qk_block<KK, NH>(r, n, q, hd, lg, ld);
+// Tokens [start, start + n) of one tile for the G query heads of its KV head.
+void tile_step(const DecodeArgs& a, Sides f, const uint8_t* tile, int n, int64_t start,
+               const float* q, float* logits_row, float* logits_buf, Partial st) {
+  const TileLayout& L = a.pool->layout;
+  const int hd = L.head_dim, bs = L.block_size;
+  const int G = a.num_heads / a.pool->num_heads;
+  f.logits(L.k, tile, n, q, G, hd, bs, logits_buf);
+  if (logits_row)
+    for (int h = 0; h < G; ++h)
+      memcpy(logits_row + h * a.logits_len + start, logits_buf + h * bs, n * sizeof(float));
+  for (int h = 0; h < G; ++h) {
+    float* lg = logits_buf + h * bs;
+    for (int t = n; t < bs; ++t) lg[t] = -INFINITY;
+    vf8 mx = set8(-INFINITY);
+    for (int t = 0; t < bs; t += 8) mx = max8(mx, load8(lg + t));
+    float m_new = fmaxf(st.m[h], hmax8(mx));
+    if (m_new > st.m[h] && st.m[h] != -INFINITY) {
+      float corr = expf(st.m[h] - m_new);
+      st.l[h] *= corr;
+      for (int c = 0; c < hd; ++c) st.acc[h * hd + c] *= corr;
     }
-  };
-  template <int NH>
-  struct PV {
-    static void run(const Reader<VK>& r, int n, const float* p, int ld, int hd, float* acc) {
-      pv_block<VK, NH>(r, n, p, ld, hd, acc);
+    st.m[h] = m_new;
+    vf8 sum = zero8(), mv = set8(m_new);
+    for (int t = 0; t < bs; t += 8) {
+      vf8 p = exp8(sub8(load8(lg + t), mv));
+      sum = add8(sum, p);
+      store8(lg + t, p);
     }
-  };
-
-  // Tokens [start, start + n) of one tile for the G query heads of its KV head.
-  static void tile(const DecodeArgs& a, const uint8_t* tile, int n, int64_t start,
-                   const float* q, float* logits_row, float* logits_buf, Partial st) {
-    const TileLayout& L = a.pool->layout;
-    const int hd = L.head_dim, bs = L.block_size;
-    const int G = a.num_heads / a.pool->num_heads;
-    Reader<KK> kr(L.k, tile, hd);
-    Reader<VK> vr(L.v, tile, hd);
-    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
-      with_slice<QK>(std::min(kHeadSlice, G - h0), kr, n, q + h0 * hd, hd, logits_buf + h0 * bs, bs);
-    if (logits_row)
-      for (int h = 0; h < G; ++h)
-        memcpy(logits_row + h * a.logits_len + start, logits_buf + h * bs, n * sizeof(float));
-    for (int h = 0; h < G; ++h) {
-      float* lg = logits_buf + h * bs;
-      for (int t = n; t < bs; ++t) lg[t] = -INFINITY;
-      vf8 mx = set8(-INFINITY);
-      for (int t = 0; t < bs; t += 8) mx = max8(mx, load8(lg + t));
-      float m_new = fmaxf(st.m[h], hmax8(mx));
-      if (m_new > st.m[h] && st.m[h] != -INFINITY) {
-        float corr = expf(st.m[h] - m_new);
-        st.l[h] *= corr;
-        for (int c = 0; c < hd; ++c) st.acc[h * hd + c] *= corr;
-      }
-      st.m[h] = m_new;
-      vf8 sum = zero8(), mv = set8(m_new);
-      for (int t = 0; t < bs; t += 8) {
-        vf8 p = exp8(sub8(load8(lg + t), mv));
-        sum = add8(sum, p);
-        store8(lg + t, p);
-      }
-      st.l[h] += hsum8(sum);
-      for (int t = 0; t < n; ++t) lg[t] *= vr.token_scale(t);
-    }
-    for (int h0 = 0; h0 < G; h0 += kHeadSlice)
-      with_slice<PV>(std::min(kHeadSlice, G - h0), vr, n, logits_buf + h0 * bs, bs, hd,
-                     st.acc + h0 * hd);
+    st.l[h] += hsum8(sum);
   }
-
-  // Tokens [t0, t1) of sequence b for KV heads [h0, h1). A block's tiles of
-  // all heads are adjacent in the pool, so the heads are the inner loop: the
-  // reads stream through memory block by block.
-  static void run(const DecodeArgs& a, int64_t b, int h0, int h1, int64_t t0, int64_t t1,
-                  const float* q, float* logits_buf, Partial st) {
-    const Pool& pool = *a.pool;
-    const int hd = pool.layout.head_dim, bs = pool.layout.block_size;
-    const int G = a.num_heads / pool.num_heads;
-    const int32_t* ids = a.bt.ids + b * a.bt.max_blocks;
-    for (int64_t start = t0; start < t1; start += bs) {
-      const int n = (int)std::min<int64_t>(bs, t1 - start);
-      // Blocks sit anywhere in the pool: fetch the tiles a few blocks ahead
-      // while this block is computed.
-      const bool ahead = start + kPrefetchBlocks * bs < t1;
-      for (int kvh = h0; kvh < h1; ++kvh) {
-        if (ahead) {
-          const char* p = (const char*)pool.tile(ids[start / bs + kPrefetchBlocks], kvh);
-          for (int64_t off = 0; off < pool.tile_bytes; off += 64) __builtin_prefetch(p + off);
-        }
-        const int64_t hq = (int64_t)kvh * G, j = hq - (int64_t)h0 * G;
-        float* logits_row = a.logits ? a.logits + (b * a.num_heads + hq) * a.logits_len : nullptr;
-        tile(a, pool.tile(ids[start / bs], kvh), n, start, q + j * hd, logits_row, logits_buf,
-             Partial{st.m + j, st.l + j, st.acc + j * hd});
-      }
-    }
-  }
-};
-
-using ItemFn = void (*)(const DecodeArgs&, int64_t, int, int, int64_t, int64_t, const float*,
-                        float*, Partial);
-
-template <Kind KK>
-ItemFn pick_v(Kind vk) {
-  return KVC_DISPATCH_KIND(vk, [&]() -> ItemFn { return &Item<KK, K>::run; });
+  f.values(L.v, tile, n, logits_buf, G, hd, bs, st.acc);
 }
-ItemFn pick(Kind kk, Kind vk) {
-  return KVC_DISPATCH_KIND(kk, [&]() -> ItemFn { return pick_v<K>(vk); });
+
+// Tokens [t0, t1) of sequence b for KV heads [h0, h1). A block's tiles of
+// all heads are adjacent in the pool, so the heads are the inner loop: the
+// reads stream through memory block by block.
+void run_item(const DecodeArgs& a, Sides f, int64_t b, int h0, int h1, int64_t t0, int64_t t1,
+              const float* q, float* logits_buf, Partial st) {
+  const Pool& pool = *a.pool;
+  const int hd = pool.layout.head_dim, bs = pool.layout.block_size;
+  const int G = a.num_heads / pool.num_heads;
+  const int32_t* ids = a.bt.ids + b * a.bt.max_blocks;
+  for (int64_t start = t0; start < t1; start += bs) {
+    const int n = (int)std::min<int64_t>(bs, t1 - start);
+    // Blocks sit anywhere in the pool: fetch the tiles a few blocks ahead
+    // while this block is computed.
+    const bool ahead = start + kPrefetchBlocks * bs < t1;
+    for (int kvh = h0; kvh < h1; ++kvh) {
+      if (ahead) {
+        const char* p = (const char*)pool.tile(ids[start / bs + kPrefetchBlocks], kvh);
+        for (int64_t off = 0; off < pool.tile_bytes; off += 64) __builtin_prefetch(p + off);
+      }
+      const int64_t hq = (int64_t)kvh * G, j = hq - (int64_t)h0 * G;
+      float* logits_row = a.logits ? a.logits + (b * a.num_heads + hq) * a.logits_len : nullptr;
+      tile_step(a, f, pool.tile(ids[start / bs], kvh), n, start, q + j * hd, logits_row, logits_buf,
+                Partial{st.m + j, st.l + j, st.acc + j * hd});
+    }
+  }
+}
+
+Sides pick(Kind kk, Kind vk) {
+  Sides f;
+  f.logits = KVC_DISPATCH_KIND(kk, [&]() -> LogitsFn { return &Side<K>::logits; });
+  f.values = KVC_DISPATCH_KIND(vk, [&]() -> ValuesFn { return &Side<K>::values; });
+  return f;
 }
 
 }  // namespace
@@ -231,10 +246,13 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
 
   std::vector<float> q((size_t)batch * H * hd);
   for (size_t i = 0; i < q.size(); ++i) q[i] = a.query[i] * a.scale;
+  // Rotated K: q.k = (Rq).(Rk), so the query turns once instead of every key.
+  if (pool.layout.k.fmt.rotated)
+    for (int64_t r = 0; r < batch * H; ++r) rotate(&q[r * hd], hd);
   // Partial states per (sequence, split): m[H], l[H], acc[H][hd].
   const int64_t parts = batch * splits;
   std::vector<float> ml((size_t)parts * H * 2), acc((size_t)parts * H * hd);
-  ItemFn fn = pick(pool.layout.k.fmt.kind, pool.layout.v.fmt.kind);
+  const Sides fn = pick(pool.layout.k.fmt.kind, pool.layout.v.fmt.kind);
 
   parallel_for(parts * hchunks, grain_for(std::min(split_len, max_len) * hper * hd * 2), [&](int64_t begin, int64_t end) {
     std::vector<float> logits_buf((size_t)G * bs);
@@ -249,7 +267,7 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
       float* ac = &acc[(part * H + (int64_t)h0 * G) * hd];
       memset(ac, 0, sizeof(float) * (h1 - h0) * G * hd);
       if (t0 < t1)
-        fn(a, b, h0, h1, t0, t1, &q[(b * H + (int64_t)h0 * G) * hd], logits_buf.data(),
+        run_item(a, fn, b, h0, h1, t0, t1, &q[(b * H + (int64_t)h0 * G) * hd], logits_buf.data(),
            Partial{m, l, ac});
     }
   });
@@ -277,6 +295,7 @@ void paged_decode_attention_cpu(const DecodeArgs& a) {
         for (int c = 0; c < hd; ++c) o[c] += as[c] * w;
       }
       for (int c = 0; c < hd; ++c) o[c] /= Lsum;
+      if (pool.layout.v.fmt.rotated) unrotate(o, hd);  // the weighted sum of rotated V, once
       a.lse[r] = M + logf(Lsum);
     }
   });

@@ -20,9 +20,10 @@ void quantize_write_cpu(const void* key, const void* value, DType dtype, int64_t
         const void* src = side ? value : key;
         const Section& s = side ? L.v : L.k;
         load_activations(src, dtype, i * row, row, x.data());
-        if (!row_storable(s.fmt.kind, x.data(), (int)row))
+        if (!row_storable(s.fmt, hd, x.data(), (int)row))
           throw ArgError(std::string(side ? "value" : "key") + "[" + std::to_string(i) +
-                         "] holds NaN or Inf (or overflows the storage format)");
+                         "] holds NaN or Inf, or a value beyond +-" + limit_str(s.fmt, hd) +
+                         " (the largest its format stores)");
       }
     }
   });

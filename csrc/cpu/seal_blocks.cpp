@@ -19,9 +19,10 @@ void seal_blocks_cpu(const Pool& hot, const int32_t* src, const Pool& cold, cons
         for (int t = 0; t < bs; ++t) {
           decode_row(side ? hot.layout.v : hot.layout.k, hot.tile(src[i], (int)(w % hot.num_heads)),
                      t, hd, x.data());
-          if (!row_storable(side ? cold.layout.v.fmt.kind : cold.layout.k.fmt.kind, x.data(), hd))
+          if (!row_storable(side ? cold.layout.v.fmt : cold.layout.k.fmt, hd, x.data(), hd))
             throw ArgError("hot_pool block src_blocks[" + std::to_string(i) + "] = " +
-                           std::to_string(src[i]) + " holds NaN or Inf (token " +
+                           std::to_string(src[i]) + " holds NaN or Inf, or a value beyond +-" +
+                           limit_str(side ? cold.layout.v.fmt : cold.layout.k.fmt, hd) + " (token " +
                            std::to_string(t) + ")");
         }
     }

@@ -14,6 +14,17 @@
 namespace kvcomp {
 namespace simd {
 
+// An NF kind's levels by code (format.h nf_level), for table lookups.
+template <Kind K>
+struct LevelTable {
+  alignas(32) float v[16];
+  constexpr LevelTable() : v{} {
+    for (int i = 0; i <= max_code(K); ++i) v[i] = nf_level(K, (uint32_t)i);
+  }
+};
+template <Kind K>
+inline constexpr LevelTable<K> kLevels{};
+
 #if KVCOMP_AVX2
 struct vf8 {
   __m256 v;
@@ -70,6 +81,26 @@ inline vf8 exp8(vf8 a) {
   return {_mm256_and_ps(res, _mm256_cmp_ps(a.v, _mm256_set1_ps(-87.0f), _CMP_GT_OQ))};
 }
 
+// Bit 2 of eight 3-bit codes from their byte (channel e at bit e), as 4 or 0.
+inline __m256i high_bits8(uint8_t byte) {
+  __m256i x = _mm256_srlv_epi32(_mm256_set1_epi32(byte), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(1)), 2);
+}
+// Unsigned codes as the floats they stand for: the integer itself, or an NF
+// kind's level (format.h nf_level) by table lookup.
+template <Kind K>
+inline vf8 values8(__m256i c) {
+  if constexpr (is_nf(K)) {
+    __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(kLevels<K>.v), c);
+    if constexpr (kind_bits(K) < 4) return {lo};
+    __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(kLevels<K>.v + 8), c);
+    __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // bit 3 as the sign bit
+    return {_mm256_blendv_ps(lo, hi, upper)};
+  } else {
+    return {_mm256_cvtepi32_ps(c)};
+  }
+}
+
 // Codes of 8 consecutive channels (sub-run `sub` of the row, see format.h
 // packing) as floats, before the scale. fp8 e4m3 comes out 2^-8 too small:
 // kCodeScale below folds the 256 back into the scale.
@@ -98,15 +129,17 @@ inline vf8 codes8(const uint8_t* row, int sub) {
     return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * sub))))};
   } else {
     // Sub-byte: chunk = sub / 4; int4 runs: bytes (sub%2)*8.., shift 4*((sub/2)%2);
-    // int2 runs: bytes 0..7 of the chunk, shift 2*(sub%4).
+    // 2- and 3-bit runs: bytes 0..7 of the chunk, shift 2*(sub%4), and for
+    // 3 bits bit 2 in byte 8 + sub%4.
     constexpr int b = kind_bits(K);
     const uint8_t* chunk = row + (sub / 4) * (4 * b);
     int j = sub % 4;
     const uint8_t* src = b == 4 ? chunk + (j % 2) * 8 : chunk;
     int shift = b == 4 ? 4 * (j / 2) : 2 * j;
     __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)src));
-    x = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(max_code(K)));
-    return {_mm256_cvtepi32_ps(x)};
+    x = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(b == 3 ? 3 : max_code(K)));
+    if constexpr (b == 3) x = _mm256_or_si256(x, high_bits8(chunk[8 + j]));
+    return values8<K>(x);
   }
 }
 template <Kind K>
@@ -120,11 +153,19 @@ struct vi8 {
 };
 inline vi8 bytes8(const uint8_t* p) { return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))}; }
 template <int SHIFT, int MASK>
-inline vf8 field8(vi8 x) {
+inline vi8 ifield8(vi8 x) {
   __m256i y = SHIFT ? _mm256_srli_epi32(x.v, SHIFT) : x.v;
   if (MASK) y = _mm256_and_si256(y, _mm256_set1_epi32(MASK));
-  return {_mm256_cvtepi32_ps(y)};
+  return {y};
 }
+inline vi8 or8(vi8 a, vi8 b) { return {_mm256_or_si256(a.v, b.v)}; }
+inline vi8 high8(uint8_t byte) { return {high_bits8(byte)}; }
+template <Kind K>
+inline vf8 value8(vi8 c) { return values8<K>(c.v); }
+
+// 16-bit metadata (IEEE half) as floats: one, and eight in a row.
+inline float half1(const uint8_t* p) { return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8)); }
+inline vf8 halves8(const uint8_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
 
 #else  // portable
 
@@ -160,11 +201,21 @@ struct vi8 {
 };
 inline vi8 bytes8(const uint8_t* p) { vi8 r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
 template <int SHIFT, int MASK>
-inline vf8 field8(vi8 x) {
-  vf8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = (float)(MASK ? (x.v[i] >> SHIFT) & MASK : x.v[i] >> SHIFT);
+inline vi8 ifield8(vi8 x) {
+  vi8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = MASK ? (x.v[i] >> SHIFT) & MASK : x.v[i] >> SHIFT;
   return r;
 }
+inline vi8 or8(vi8 a, vi8 b) { vi8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] | b.v[i]; return r; }
+inline vi8 high8(uint8_t byte) { vi8 r; for (int i = 0; i < 8; ++i) r.v[i] = (byte >> i & 1) << 2; return r; }
+template <Kind K>
+inline vf8 value8(vi8 c) {
+  vf8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = code_value(K, (uint32_t)c.v[i]);
+  return r;
+}
+inline float half1(const uint8_t* p) { return half_to_float(load_half(p)); }
+inline vf8 halves8(const uint8_t* p) { vf8 r; for (int i = 0; i < 8; ++i) r.v[i] = half1(p + 2 * i); return r; }
 #endif
 
 }  // namespace simd

@@ -3,8 +3,8 @@
 // side in place. Kept positions ascend, so token j's source src[j] >= j:
 // a destination never holds a source still to be read, provided each step
 // reads all its sources before writing.
-//  - per-token kinds: rounds of tokens, copied word by word (codes and
-//    scales, bit for bit) through registers, a barrier between reads and writes;
+//  - per-token kinds: rounds of tokens, copied 16-bit word by word (codes
+//    and scales, bit for bit) through registers, a barrier between reads and writes;
 //  - per-channel kinds: a warp per 32-channel chunk re-quantizes each changed
 //    destination block (encode_channel_block reads each source right before
 //    writing its row, and the scales last).
@@ -16,7 +16,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWords = 4;  // words per thread per round
+constexpr int kWords = 4;  // 16-bit words per thread per round
 
 struct Seq {
   Pool pool;
@@ -56,22 +56,20 @@ __device__ __forceinline__ int list_kept(const int32_t* keep, int64_t k, int32_t
   return n;
 }
 
-// Per-token side: words of token j are its row_bytes / 4 code words, then its
-// meta floats.
+// Per-token side: the 16-bit words of token j are its row_bytes / 2 code
+// words, then its meta halves.
 __device__ __forceinline__ void move_tokens(const Seq& q, const Section& s, const int32_t* src, int n) {
-  const Kind k = s.fmt.kind;
-  const int hd = q.pool.layout.head_dim, bs = q.pool.layout.block_size;
-  const int rw = s.row_bytes / 4;
-  const int mf = is_symmetric_token(k) ? 1 : is_grouped(k) ? 2 * hd / s.fmt.group : 0;
-  const int words = rw + mf, per_round = max(1, kThreads * kWords / words);
-  auto word = [&](uint8_t* tile, int p, int w) -> uint32_t* {
+  const int bs = q.pool.layout.block_size;
+  const int rw = s.row_bytes / 2, mw = s.token_halves();
+  const int words = rw + mw, per_round = max(1, kThreads * kWords / words);
+  auto word = [&](uint8_t* tile, int p, int w) -> uint16_t* {
     const int t = p % bs;
-    return w < rw ? reinterpret_cast<uint32_t*>(tile + s.offset + (int64_t)t * s.row_bytes) + w
-                  : reinterpret_cast<uint32_t*>(tile + s.meta_offset()) + t * mf + (w - rw);
+    return w < rw ? reinterpret_cast<uint16_t*>(tile + s.offset + (int64_t)t * s.row_bytes) + w
+                  : reinterpret_cast<uint16_t*>(tile + s.meta_offset()) + t * mw + (w - rw);
   };
   for (int j0 = 0; j0 < n; j0 += per_round) {
-    uint32_t val[kWords] = {};
-    uint32_t* dst[kWords];
+    uint16_t val[kWords] = {};
+    uint16_t* dst[kWords];
 #pragma unroll
     for (int r = 0; r < kWords; ++r) {
       const int i = threadIdx.x + r * kThreads, j = j0 + i / words, w = i % words;

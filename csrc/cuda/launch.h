@@ -20,10 +20,10 @@ cudaError_t quantize_write(const void* key, const void* value, DType dtype, int6
 
 // Pre-pass for the checks: *first_bad (preset to UINT64_MAX) becomes the
 // smallest 2 * token + side (side 0 key, 1 value) over tokens with a slot >= 0
-// whose row holds NaN/Inf or overflows its storage kind.
+// whose row holds a value its side cannot store (format.h storable).
 cudaError_t find_unstorable_tokens(const void* key, const void* value, DType dtype,
                                    int64_t num_tokens, int num_heads, int head_dim,
-                                   const int64_t* slots, Kind k_kind, Kind v_kind,
+                                   const int64_t* slots, ElemFormat k_fmt, ElemFormat v_fmt,
                                    unsigned long long* first_bad, cudaStream_t stream);
 
 // Whole hot blocks src[i] -> cold blocks dst[i], i < n.
@@ -33,8 +33,8 @@ cudaError_t seal_blocks(const Pool& hot, const int32_t* src, const Pool& cold, c
 // Pre-pass: *first_bad (preset to UINT64_MAX) becomes the smallest
 // ((i * num_heads + head) * 2 + side) * block_size + token over hot values
 // that cold's kinds cannot store.
-cudaError_t find_unstorable_blocks(const Pool& hot, const int32_t* src, int64_t n, Kind k_cold,
-                                   Kind v_cold, unsigned long long* first_bad,
+cudaError_t find_unstorable_blocks(const Pool& hot, const int32_t* src, int64_t n, ElemFormat k_cold,
+                                   ElemFormat v_cold, unsigned long long* first_bad,
                                    cudaStream_t stream);
 
 // out_a/out_b/out [rows, head_dim] in dtype; lse_* fp32 [rows].

@@ -1,6 +1,7 @@
 // Host side of paged decode attention: the launch plan (stage sizes, head
 // slices, splits) from host-known sizes only, and the launches.
 #include "cuda/paged_decode_attention.h"
+#include "cuda/encode.cuh"
 #include "cuda/paged_decode_kernel.cuh"
 
 #include <algorithm>
@@ -27,6 +28,7 @@ Kernel pick_kinds(Kind kk, Kind vk) {
     switch (kk) {
       KVC_SAME(FP32) KVC_SAME(FP16) KVC_SAME(BF16) KVC_SAME(FP8_E4M3) KVC_SAME(FP8_E5M2)
       KVC_SAME(INT8) KVC_SAME(INT4) KVC_SAME(INT2) KVC_SAME(INT8C) KVC_SAME(INT4C) KVC_SAME(INT2C)
+      KVC_SAME(INT3) KVC_SAME(NF4) KVC_SAME(NF3) KVC_SAME(NF2)
       default: break;
     }
   }
@@ -46,17 +48,47 @@ Kernel pick(int D, Kind kk, Kind vk) {
   }
 }
 
-int meta_per_token(const Section& s, int D) {
-  if (is_symmetric_token(s.fmt.kind)) return 4;
-  if (is_grouped(s.fmt.kind)) return D / s.fmt.group * 8;
-  return 0;
+int meta_per_token(const Section& s) {
+  return is_token_quant(s.fmt.kind) ? 2 * s.token_halves() : 0;
 }
 int meta_bytes(const Section& s, int D, int n) {
-  return is_per_channel(s.fmt.kind) ? 8 * D : n * meta_per_token(s, D);
+  return is_per_channel(s.fmt.kind) ? 4 * D : n * meta_per_token(s);
 }
 int part_bytes(const TileLayout& L, int n) {
   const int D = L.head_dim;
   return n * (L.k.row_bytes + L.v.row_bytes) + meta_bytes(L.k, D, n) + meta_bytes(L.v, D, n);
+}
+
+// Rotated sides (":h"): the query turns once before the kernel, the output
+// once after it (format.h rotate / unrotate), a team of lanes per row.
+constexpr int kRotThreads = 256;
+template <DType T>
+__global__ void __launch_bounds__(kRotThreads)
+    rotate_query_kernel(const void* __restrict__ q, float* __restrict__ q32, int64_t rows, int D, int team) {
+  const int64_t row = ((int64_t)blockIdx.x * kRotThreads + threadIdx.x) >> (__ffs(team) - 1);
+  const int lane = threadIdx.x & (team - 1), iters = D > 256 ? 2 : 1;
+  float x[2][8] = {};
+#pragma unroll
+  for (int it = 0; it < 2; ++it)
+    if (row < rows && it < iters) load8<T>(q, row * D + (lane + it * team) * 8, x[it]);
+  team_rotate(x, lane, team, iters, D);
+#pragma unroll
+  for (int it = 0; it < 2; ++it)
+    if (row < rows && it < iters) store8<DType::F32>(q32, row * D + (lane + it * team) * 8, x[it]);
+}
+template <DType T>
+__global__ void __launch_bounds__(kRotThreads)
+    unrotate_out_kernel(const float* __restrict__ o32, void* __restrict__ out, int64_t rows, int D, int team) {
+  const int64_t row = ((int64_t)blockIdx.x * kRotThreads + threadIdx.x) >> (__ffs(team) - 1);
+  const int lane = threadIdx.x & (team - 1), iters = D > 256 ? 2 : 1;
+  float x[2][8] = {};
+#pragma unroll
+  for (int it = 0; it < 2; ++it)
+    if (row < rows && it < iters) load8<DType::F32>(o32, row * D + (lane + it * team) * 8, x[it]);
+  team_unrotate(x, lane, team, iters, D);
+#pragma unroll
+  for (int it = 0; it < 2; ++it)
+    if (row < rows && it < iters) store8<T>(out, row * D + (lane + it * team) * 8, x[it]);
 }
 
 struct Plan {
@@ -87,12 +119,14 @@ Plan make_plan(const DecodeParams& p) {
   k.G = p.num_heads / p.pool.num_heads;
   k.bs = bs;
   k.qscale = p.scale * 1.44269504088896341f;
-  k.dtype = p.dtype;
+  k.qdtype = L.k.fmt.rotated ? DType::F32 : p.dtype;
+  k.odtype = L.v.fmt.rotated ? DType::F32 : p.dtype;
 
   // Stage parts: a whole block when it fits kStageTarget, else a power-of-2
-  // share of one (>= 4 tokens keeps every piece a multiple of 16 bytes).
+  // share of one (>= 8 tokens keeps every piece a multiple of 16 bytes: a
+  // token's metadata can be one 2-byte scale).
   int tsb = bs;
-  while (tsb > 4 && part_bytes(L, tsb) > kStageTarget) tsb /= 2;
+  while (tsb > 8 && part_bytes(L, tsb) > kStageTarget) tsb /= 2;
   k.tsb_log2 = __builtin_ctz(tsb);
   k.pb = part_bytes(L, tsb);
   k.nb = tsb == bs ? std::min(16, std::max(1, kStageTarget / k.pb)) : 1;
@@ -104,7 +138,7 @@ Plan make_plan(const DecodeParams& p) {
     seg[0] = Seg{s.offset, s.row_bytes, dst, tsb * s.row_bytes};
     dst += seg[0].bytes;
     d.meta_off = dst;
-    seg[1] = Seg{s.meta_offset(), meta_per_token(s, D), dst, meta_bytes(s, D, tsb)};
+    seg[1] = Seg{s.meta_offset(), meta_per_token(s), dst, meta_bytes(s, D, tsb)};
     dst += seg[1].bytes;
   };
   side(L.k, k.k, k.seg);
@@ -152,12 +186,24 @@ bool paged_decode_head_dim_ok(int head_dim) {
   return head_dim == 64 || head_dim == 128 || head_dim == 256;
 }
 
+// Workspace: split partials (part_o, part_lse), then the rotated query and
+// the rotated output (fp32 [rows, D] each) where a side is rotated.
+struct Workspace {
+  size_t part, q32, o32;
+  size_t total() const { return part + q32 + o32; }
+};
+Workspace workspace_of(const DecodeParams& p, const Plan& pl) {
+  const TileLayout& L = p.pool.layout;
+  const size_t row_floats = (size_t)pl.rows * L.head_dim * sizeof(float);
+  const size_t part = pl.k.splits == 1 ? 0 : (size_t)pl.rows * pl.k.splits * (L.head_dim + 1) * sizeof(float);
+  return Workspace{(part + 15) / 16 * 16,  // the fp32 rows after it are read 16 bytes at a time
+                   L.k.fmt.rotated ? row_floats : 0, L.v.fmt.rotated ? row_floats : 0};
+}
+
 size_t paged_decode_workspace_bytes(const DecodeParams& p) {
   if (p.bt.batch == 0 || p.num_heads == 0 || !paged_decode_head_dim_ok(p.pool.layout.head_dim))
     return 0;
-  Plan pl = make_plan(p);
-  if (pl.k.splits == 1) return 0;
-  return (size_t)pl.rows * pl.k.splits * (p.pool.layout.head_dim + 1) * sizeof(float);
+  return workspace_of(p, make_plan(p)).total();
 }
 
 cudaError_t paged_decode_attention(const DecodeParams& p, void* workspace, cudaStream_t stream) {
@@ -167,18 +213,36 @@ cudaError_t paged_decode_attention(const DecodeParams& p, void* workspace, cudaS
     return cudaErrorInvalidValue;
   Plan pl = make_plan(p);
   Params& k = pl.k;
-  const int D = p.pool.layout.head_dim;
-  k.out = p.out;
+  const int D = p.pool.layout.head_dim, team = team_for(D);
+  const Workspace ws = workspace_of(p, pl);
+  uint8_t* w = (uint8_t*)workspace;
+  float* q32 = (float*)(w + ws.part);
+  float* o32 = (float*)(w + ws.part + ws.q32);
+  const unsigned rot_grid = blocks_for(pl.rows * team, kRotThreads);
+  if (ws.q32) {
+    cudaError_t e = with_dtype(p.dtype, [&](auto tc) {
+      rotate_query_kernel<decltype(tc)::value><<<rot_grid, kRotThreads, 0, stream>>>(p.query, q32, pl.rows, D, team);
+      return cudaGetLastError();
+    });
+    if (e != cudaSuccess) return e;
+    k.query = q32;
+  }
+  k.out = ws.o32 ? (void*)o32 : p.out;
   k.lse = p.lse;
   if (k.splits > 1) {
-    k.part_o = (float*)workspace;
+    k.part_o = (float*)w;
     k.part_lse = k.part_o + pl.rows * k.splits * D;
   }
   dim3 grid(k.splits, k.kv_heads * k.hg, (unsigned)p.bt.batch);
   pl.kernel<<<grid, pl.warps * 32, pl.smem, stream>>>(k);
   if (k.splits > 1)
     merge_kernel<<<(unsigned)((pl.rows + 3) / 4), 128, 0, stream>>>(
-        k.part_o, k.part_lse, pl.rows, k.splits, D, p.dtype, p.out, p.lse);
+        k.part_o, k.part_lse, pl.rows, k.splits, D, k.odtype, k.out, p.lse);
+  if (ws.o32)
+    return with_dtype(p.dtype, [&](auto tc) {
+      unrotate_out_kernel<decltype(tc)::value><<<rot_grid, kRotThreads, 0, stream>>>(o32, p.out, pl.rows, D, team);
+      return cudaGetLastError();
+    });
   return cudaGetLastError();
 }
 

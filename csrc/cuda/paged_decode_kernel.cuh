@@ -65,7 +65,7 @@ struct Params {
   Seg seg[4];
   SideDesc k, v;
   float qscale;  // scale * log2(e)
-  DType dtype;
+  DType qdtype, odtype;  // of query and out (fp32 scratch where a side is rotated)
 };
 
 // ------------------------------------------------------------ small helpers
@@ -112,17 +112,42 @@ __device__ __forceinline__ float2 fp8x2(uint32_t w16, Kind k) {
 
 // Element e of a lane's 16 values is channel chan(k, j, e) of lane slice j
 // (docs/format.md packing: int4 byte i = ch i | ch i+16; int2 byte i =
-// ch i | i+8 | i+16 | i+24, per 32-channel chunk). Runs of 4 are consecutive.
+// ch i | i+8 | i+16 | i+24, per 32-channel chunk; 3 bits as 2, plus bit 2).
+// Runs of 4 are consecutive.
 __device__ __forceinline__ int chan(Kind k, int j, int e) {
   const int b = kind_bits(k);
   if (b == 4) return 32 * (j >> 1) + 8 * (j & 1) + (e & 7) + 16 * (e >> 3);
-  if (b == 2) return 32 * (j >> 1) + 4 * (j & 1) + (e & 3) + 8 * (e >> 2);
+  if (b == 2 || b == 3) return 32 * (j >> 1) + 4 * (j & 1) + (e & 3) + 8 * (e >> 2);
   return 16 * j + e;
 }
 
-// Code values (before scale and zero) of the 16 channels at p in shared
-// memory: 2 * bits bytes (16-byte aligned for >= 8 bits).
-__device__ __forceinline__ void codes16(Kind k, const uint8_t* p, float (&x)[16]) {
+// Integer codes of a lane's 16 channels of b-bit kinds (b = 4, 3, 2) at the
+// token's row in shared memory.
+template <int B>
+__device__ __forceinline__ void int_codes16(const uint8_t* row, int j, uint32_t (&c)[16]) {
+  if constexpr (B == 4) {  // e = byte (e % 8), nibble (e / 8)
+    uint2 a = *(const uint2*)(row + 8 * j);
+#pragma unroll
+    for (int e = 0; e < 16; ++e) c[e] = (((e % 8) < 4 ? a.x : a.y) >> (8 * (e % 4) + 4 * (e / 8))) & 15u;
+  } else {  // e = byte (e % 4), crumb (e / 4); 3 bits: bit 2 of channel 8m + i in byte 8 + m, bit i
+    const uint8_t* chunk = row + (B == 3 ? 12 : 8) * (j >> 1);
+    const uint32_t a = *(const uint32_t*)(chunk + 4 * (j & 1));
+#pragma unroll
+    for (int e = 0; e < 16; ++e) c[e] = (a >> (8 * (e & 3) + 2 * (e >> 2))) & 3u;
+    if constexpr (B == 3) {
+      const uint32_t h = *(const uint32_t*)(chunk + 8) >> (4 * (j & 1));
+#pragma unroll
+      for (int e = 0; e < 16; ++e) c[e] |= ((h >> (8 * (e >> 2) + (e & 3))) & 1u) << 2;
+    }
+  }
+}
+
+// Code values (before scale and zero) of a lane's 16 channels of the token
+// row at `row` in shared memory: 2 * bits bytes at row + j * 2 * bits (16-byte
+// aligned for >= 8 bits); 3-bit rows as int_codes16. lut: NF levels by code.
+__device__ __forceinline__ void codes16(Kind k, const uint8_t* row, int j, const float* lut,
+                                        float (&x)[16]) {
+  const uint8_t* p = row + j * 2 * kind_bits(k);
   switch (k) {
     case Kind::FP32:
 #pragma unroll
@@ -175,7 +200,8 @@ __device__ __forceinline__ void codes16(Kind k, const uint8_t* p, float (&x)[16]
       break;
     }
     case Kind::INT4:
-    case Kind::INT4C: {
+    case Kind::INT4C:
+    case Kind::INT4S: {
       // e = byte (e % 8), nibble (e / 8); bytes 2-3 of a word after >> 16.
       uint2 a = *(const uint2*)p;
       const uint32_t w[4] = {a.x, a.x >> 16, a.y, a.y >> 16};
@@ -188,7 +214,9 @@ __device__ __forceinline__ void codes16(Kind k, const uint8_t* p, float (&x)[16]
       }
       break;
     }
-    default: {  // INT2, INT2C: e = byte (e % 4), crumb (e / 4)
+    case Kind::INT2:
+    case Kind::INT2C:
+    case Kind::INT2S: {  // e = byte (e % 4), crumb (e / 4)
       const uint32_t a = *(const uint32_t*)p;
       const uint32_t w[2] = {a, a >> 16};
 #pragma unroll
@@ -202,33 +230,41 @@ __device__ __forceinline__ void codes16(Kind k, const uint8_t* p, float (&x)[16]
         x[2 * m + 9] = field<12>(w[m], 3);
         x[2 * m + 13] = field<14>(w[m], 3);
       }
+      break;
+    }
+    default: {  // 3-bit integer kinds and NF: integer codes, then values
+      uint32_t c[16];
+      const int b = kind_bits(k);
+      if (b == 4) int_codes16<4>(row, j, c);
+      else if (b == 3) int_codes16<3>(row, j, c);
+      else int_codes16<2>(row, j, c);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = is_nf(k) ? lut[c[e]] : (float)c[e];
     }
   }
 }
 
 // x = code * scale[c] + zero[c] for the block's per-channel parameters.
 template <int D>
-__device__ __forceinline__ void per_channel(Kind k, const float* meta, int j, float (&x)[16]) {
+__device__ __forceinline__ void per_channel(Kind k, const uint8_t* meta, int j, float (&x)[16]) {
+  const __half* s = (const __half*)meta;
 #pragma unroll
-  for (int e = 0; e < 16; e += 4) {
+  for (int e = 0; e < 16; ++e) {
     const int c = chan(k, j, e);
-    float4 s = *(const float4*)(meta + c), z = *(const float4*)(meta + D + c);
-    x[e] = fmaf(x[e], s.x, z.x), x[e + 1] = fmaf(x[e + 1], s.y, z.y);
-    x[e + 2] = fmaf(x[e + 2], s.z, z.z), x[e + 3] = fmaf(x[e + 3], s.w, z.w);
+    x[e] = fmaf(x[e], __half2float(s[c]), __half2float(s[D + c]));
   }
 }
 
-// Per-token factor (scale, zero) of a side for token tt of the part; lane
-// group g for grouped kinds. Raw and per-channel kinds: (1, 0).
+// (scale, zero) of a lane's channels of token tt: its group's (a lane's 16
+// channels lie in one group of >= 32). Raw and per-channel kinds: (1, 0).
 __device__ __forceinline__ float2 token_params(Kind k, const uint8_t* part, const SideDesc& s,
                                                int D, int tt, int j) {
-  const float* meta = (const float*)(part + s.meta_off);
-  if (is_symmetric_token(k)) return make_float2(meta[tt], 0.0f);
-  if (is_grouped(k)) {
-    const int groups = D / s.group;
-    return *(const float2*)(meta + 2 * (tt * groups + 32 * (j >> 1) / s.group));
-  }
-  return make_float2(1.0f, 0.0f);
+  if (!is_token_quant(k)) return make_float2(1.0f, 0.0f);
+  const uint16_t* meta = (const uint16_t*)(part + s.meta_off);
+  const int G = s.group ? s.group : D, hv = meta_halves(k);
+  const uint16_t* m = meta + (tt * (D / G) + chan(k, j, 0) / G) * hv;
+  const QParams p = params_of(k, QMeta{m[0], hv == 2 ? m[1] : (uint16_t)0});
+  return make_float2(p.scale, p.zero);
 }
 
 // ------------------------------------------------------------------- kernel
@@ -241,7 +277,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
   const Kind kk = KK == kDyn ? p.k.kind : Kind(KK);
   const Kind vk = VK == kDyn ? p.v.kind : Kind(VK);
   const int rowk = D * kind_bits(kk) / 8, rowv = D * kind_bits(vk) / 8;
-  const int sbk = 2 * kind_bits(kk), sbv = 2 * kind_bits(vk);
 
   const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int j = lane % NS, u = lane / NS;
@@ -266,6 +301,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
 
   const int stage_bytes = p.nb * p.pb;
   int* sm_ids = (int*)(smem + kStages * stage_bytes);  // [kStages + 1][nb]
+  __shared__ float lut[2][16];  // NF levels by code, K then V
+  if (tid < 32) {
+    const Kind sk = tid < 16 ? kk : vk;
+    lut[tid / 16][tid % 16] = is_nf(sk) && tid % 16 <= max_code(sk) ? nf_level(sk, tid % 16) : 0.0f;
+  }
 
   // Block id of part q of stage st, or -1 (past the split, or not a block of the pool).
   auto part_id = [&](int st, int q) -> int {
@@ -303,7 +343,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
     qs[i] = 0.0f;
 #pragma unroll
     for (int e = 0; e < kCh; ++e) {
-      q[i][e] = ok ? load_act(p.query, p.dtype, (head0 + h) * D + chan(kk, j, e)) * p.qscale : 0.0f;
+      q[i][e] = ok ? load_act(p.query, p.qdtype, (head0 + h) * D + chan(kk, j, e)) * p.qscale : 0.0f;
       qs[i] += q[i][e];
     }
   }
@@ -338,8 +378,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
 
       // ---- logits: lane partial dots, reduce to one head per lane
       float x[kCh];
-      codes16(kk, part + p.k.code_off + tt * rowk + j * sbk, x);
-      if (is_per_channel(kk)) per_channel<D>(kk, (const float*)(part + p.k.meta_off), j, x);
+      codes16(kk, part + p.k.code_off + tt * rowk, j, lut[0], x);
+      if (is_per_channel(kk)) per_channel<D>(kk, part + p.k.meta_off, j, x);
       float v[kHeads];
 #pragma unroll
       for (int i = 0; i < kHeads; ++i) {
@@ -352,7 +392,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
         v[i] = d0 + d1;
       }
       const float2 kp = token_params(kk, part, p.k, D, tt, j);
-      if (is_grouped(kk))
+      if (is_token_quant(kk))  // this lane's group: zero * sum(q) (0 for symmetric kinds)
 #pragma unroll
         for (int i = 0; i < kHeads; ++i) v[i] = fmaf(v[i], kp.x, kp.y * qs[i]);
       // Slots {2,3} of lane j^1 hold the heads of slots {0,1} here, and slot
@@ -362,7 +402,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
       float lg = a0 + __shfl_xor_sync(kAll, a1, 2);
 #pragma unroll
       for (int off = 4; off < NS; off <<= 1) lg += __shfl_xor_sync(kAll, lg, off);
-      if (is_symmetric_token(kk)) lg *= kp.x;
       lg = valid ? lg : -CUDART_INF_F;
       if (p.logits && j < 4 && rel0 + xl < p.G && tau < tst && pos < tok_hi && pos < p.logits_len)
         p.logits[(head0 + xl) * p.logits_len + pos] = lg * kLn2;
@@ -393,8 +432,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
         ph[h] = __shfl_sync(kAll, pr, (lane & ~(NS - 1)) + (h >> 1) + 2 * (h & 1));
 
       // ---- values
-      codes16(vk, part + p.v.code_off + tt * rowv + j * sbv, x);
-      if (is_per_channel(vk)) per_channel<D>(vk, (const float*)(part + p.v.meta_off), j, x);
+      codes16(vk, part + p.v.code_off + tt * rowv, j, lut[1], x);
+      if (is_per_channel(vk)) per_channel<D>(vk, part + p.v.meta_off, j, x);
       float2 vp = token_params(vk, part, p.v, D, tt, j);
       if (!valid) {  // stale or unwritten slots may hold NaN: keep them out of acc
         vp = make_float2(0.0f, 0.0f);
@@ -404,7 +443,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         const float w = ph[h] * vp.x;
-        if (is_grouped(vk)) zacc[h] = fmaf(ph[h], vp.y, zacc[h]);
+        if (is_asym_token(vk) || is_int_sym(vk)) zacc[h] = fmaf(ph[h], vp.y, zacc[h]);
 #pragma unroll
         for (int e = 0; e < kCh; ++e) acc[h][e] = fmaf(w, x[e], acc[h][e]);
       }
@@ -461,7 +500,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
     const float out = L > 0.0f ? o / L : 0.0f;
     const float lse2 = L > 0.0f ? M + log2f(L) : -CUDART_INF_F;
     if (p.splits == 1) {
-      store_act(p.out, p.dtype, row * D + c, out);
+      store_act(p.out, p.odtype, row * D + c, out);
       if (c == 0) p.lse[row] = lse2 * kLn2;
     } else {
       p.part_o[(row * p.splits + split) * D + c] = out;

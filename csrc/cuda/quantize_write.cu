@@ -40,8 +40,8 @@ template <DType T>
 __global__ void __launch_bounds__(kThreads)
     find_unstorable_kernel(const void* __restrict__ key, const void* __restrict__ value,
                            int64_t octets_per_side, int64_t octets_per_token,
-                           const int64_t* __restrict__ slots, Kind k_kind, Kind v_kind,
-                           unsigned long long* first_bad) {
+                           const int64_t* __restrict__ slots, ElemFormat k_fmt, ElemFormat v_fmt,
+                           int head_dim, unsigned long long* first_bad) {
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (i >= 2 * octets_per_side) return;
   const int side = i >= octets_per_side;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   load8<T>(side ? value : key, o * 8, x);
   bool bad = false;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) bad |= !storable(side ? v_kind : k_kind, x[e]);
+  for (int e = 0; e < 8; ++e) bad |= !storable(side ? v_fmt : k_fmt, head_dim, x[e]);
   if (bad) atomicMin(first_bad, (unsigned long long)(2 * token + side));
 }
 
@@ -81,14 +81,14 @@ cudaError_t quantize_write(const void* key, const void* value, DType dtype, int6
 
 cudaError_t find_unstorable_tokens(const void* key, const void* value, DType dtype,
                                    int64_t num_tokens, int num_heads, int head_dim,
-                                   const int64_t* slots, Kind k_kind, Kind v_kind,
+                                   const int64_t* slots, ElemFormat k_fmt, ElemFormat v_fmt,
                                    unsigned long long* first_bad, cudaStream_t stream) {
   const int64_t per_token = (int64_t)num_heads * head_dim / 8, per_side = num_tokens * per_token;
   if (per_side == 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto tc) {
     find_unstorable_kernel<decltype(tc)::value>
         <<<blocks_for(2 * per_side, kThreads), kThreads, 0, stream>>>(
-            key, value, per_side, per_token, slots, k_kind, v_kind, first_bad);
+            key, value, per_side, per_token, slots, k_fmt, v_fmt, head_dim, first_bad);
     return cudaGetLastError();
   });
 }

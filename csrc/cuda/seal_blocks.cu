@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) seal_channels_kernel(Blocks a, int64
 
 // One thread per (i, head, side, token, octet), in the order of the code.
 __global__ void __launch_bounds__(kThreads)
-    find_unstorable_kernel(Blocks a, int64_t n, Kind k_cold, Kind v_cold,
+    find_unstorable_kernel(Blocks a, int64_t n, ElemFormat k_cold, ElemFormat v_cold,
                            unsigned long long* first_bad) {
   const int hd = a.hot.layout.head_dim, bs = a.hot.layout.block_size, octets = hd / 8;
   const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
                    hd, x);
   bool bad = false;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) bad |= !storable(side ? v_cold : k_cold, x[e]);
+  for (int e = 0; e < 8; ++e) bad |= !storable(side ? v_cold : k_cold, hd, x[e]);
   if (bad) atomicMin(first_bad, (unsigned long long)code);
 }
 
@@ -116,8 +116,8 @@ cudaError_t seal_blocks(const Pool& hot, const int32_t* src, const Pool& cold, c
   return e != cudaSuccess ? e : launch(vk, 1, 1);
 }
 
-cudaError_t find_unstorable_blocks(const Pool& hot, const int32_t* src, int64_t n, Kind k_cold,
-                                   Kind v_cold, unsigned long long* first_bad,
+cudaError_t find_unstorable_blocks(const Pool& hot, const int32_t* src, int64_t n, ElemFormat k_cold,
+                                   ElemFormat v_cold, unsigned long long* first_bad,
                                    cudaStream_t stream) {
   const int64_t threads = n * hot.num_heads * 2 * hot.layout.block_size * (hot.layout.head_dim / 8);
   if (threads == 0) return cudaSuccess;

@@ -18,11 +18,11 @@ void quantize_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
     at::Tensor bad = first_bad_word(pool);
     C10_CUDA_CHECK(cuda::find_unstorable_tokens(k.data_ptr(), v.data_ptr(), a.dtype, k.size(0),
                                                 p.num_heads, p.layout.head_dim, slots,
-                                                p.layout.k.fmt.kind, p.layout.v.fmt.kind,
+                                                p.layout.k.fmt, p.layout.v.fmt,
                                                 word_ptr(bad), stream()));
     const int64_t first = bad.item<int64_t>();
     TORCH_CHECK_VALUE(first == -1, first % 2 ? "value" : "key", "[", first / 2,
-                      "] holds NaN or Inf (or overflows the storage format)");
+                      "] holds NaN or Inf, or a value beyond what its format stores");
   }
   C10_CUDA_CHECK(cuda::quantize_write(k.data_ptr(), v.data_ptr(), a.dtype, k.size(0), slots, p,
                                       stream()));

@@ -19,14 +19,14 @@ void seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks, at::T
     validate_block_ids(a.src, a.hot.num_blocks, "src_blocks");
     validate_block_ids(a.dst, a.cold.num_blocks, "dst_blocks");
     at::Tensor bad = first_bad_word(hot_pool);
-    C10_CUDA_CHECK(cuda::find_unstorable_blocks(a.hot, src, n, a.cold.layout.k.fmt.kind,
-                                                 a.cold.layout.v.fmt.kind, word_ptr(bad),
+    C10_CUDA_CHECK(cuda::find_unstorable_blocks(a.hot, src, n, a.cold.layout.k.fmt,
+                                                 a.cold.layout.v.fmt, word_ptr(bad),
                                                  stream()));
     const int64_t first = bad.item<int64_t>();
     if (first != -1) {  // first = ((i * num_heads + head) * 2 + side) * block_size + token
       const int64_t bs = a.hot.layout.block_size, i = first / bs / 2 / a.hot.num_heads;
       TORCH_CHECK_VALUE(false, "hot_pool block src_blocks[", i, "] = ", a.src[i].item<int>(),
-                        " holds NaN or Inf (token ", first % bs, ")");
+                        " holds NaN or Inf, or a value beyond what its format stores (token ", first % bs, ")");
     }
   }
   C10_CUDA_CHECK(cuda::seal_blocks(a.hot, src, a.cold, a.dst.data_ptr<int32_t>(), n, stream()));

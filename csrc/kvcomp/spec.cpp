@@ -12,14 +12,19 @@ namespace {
 struct KindName {
   const char* name;
   Kind kind;
+  Kind sym;  // the kind ":s" selects (kind itself where it has no symmetric variant)
 };
 constexpr KindName kKinds[] = {
-    {"fp16", Kind::FP16},       {"bf16", Kind::BF16},       {"fp8_e4m3", Kind::FP8_E4M3},
-    {"fp8_e5m2", Kind::FP8_E5M2}, {"int8", Kind::INT8},     {"int4", Kind::INT4},
-    {"int2", Kind::INT2},       {"int8c", Kind::INT8C},     {"int4c", Kind::INT4C},
-    {"int2c", Kind::INT2C},     {"fp32", Kind::FP32},
+    {"fp16", Kind::FP16, Kind::FP16},           {"bf16", Kind::BF16, Kind::BF16},
+    {"fp32", Kind::FP32, Kind::FP32},           {"fp8_e4m3", Kind::FP8_E4M3, Kind::FP8_E4M3},
+    {"fp8_e5m2", Kind::FP8_E5M2, Kind::FP8_E5M2}, {"int8", Kind::INT8, Kind::INT8},
+    {"int4", Kind::INT4, Kind::INT4S},          {"int3", Kind::INT3, Kind::INT3S},
+    {"int2", Kind::INT2, Kind::INT2S},          {"nf4", Kind::NF4, Kind::NF4},
+    {"nf3", Kind::NF3, Kind::NF3},              {"nf2", Kind::NF2, Kind::NF2},
+    {"int8c", Kind::INT8C, Kind::INT8C},        {"int4c", Kind::INT4C, Kind::INT4C},
+    {"int2c", Kind::INT2C, Kind::INT2C},
 };
-constexpr int kDefaultGroup = 32;
+constexpr int kGroups[] = {32, 64, 128, 256, 512};
 
 std::string trim(const std::string& s) {
   size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
@@ -28,42 +33,75 @@ std::string trim(const std::string& s) {
 
 const char* kind_name(Kind k) {
   for (const auto& kn : kKinds)
-    if (kn.kind == k) return kn.name;
+    if (kn.kind == k || kn.sym == k) return kn.name;
   return "?";
 }
 
+// The group a side has without ":gG": 32 for the integer and NF kinds (the
+// contract's int4/int2 default), the whole row for fp8 and int8.
+int default_group(Kind k) { return is_token_quant(k) && !is_absmax(k) ? 32 : 0; }
+
+}  // namespace
+
 std::string side_name(ElemFormat f) {
   std::string s = kind_name(f.kind);
-  if (is_grouped(f.kind) && f.group != kDefaultGroup) s += ":g" + std::to_string(f.group);
+  if (f.group != default_group(f.kind)) s += ":g" + std::to_string(f.group);
+  if (is_int_sym(f.kind)) s += ":s";
+  if (f.rotated) s += ":h";
   return s;
 }
 
+namespace {
+
 ElemFormat parse_side(const std::string& full, std::string side) {
   side = trim(side);
-  if (side == "fp8") side = "fp8_e4m3";
-  std::string base = side, group;
-  size_t colon = side.find(':');
-  if (colon != std::string::npos) {
-    base = side.substr(0, colon);
-    group = side.substr(colon + 1);
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    size_t colon = side.find(':', start);
+    parts.push_back(side.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
   }
-  for (const auto& kn : kKinds) {
-    if (base != kn.name) continue;
-    ElemFormat f{kn.kind, is_grouped(kn.kind) ? kDefaultGroup : 0};
-    if (colon == std::string::npos) return f;
-    if (!is_grouped(kn.kind))
-      throw FormatError("format '" + full + "': '" + base + "' takes no group size");
-    if (group == "g32") f.group = 32;
-    else if (group == "g64") f.group = 64;
-    else if (group == "g128") f.group = 128;
-    else
-      throw FormatError("format '" + full + "': group size must be g32, g64 or g128, got '" +
-                        group + "'");
-    return f;
+  std::string base = parts[0] == "fp8" ? "fp8_e4m3" : parts[0];
+  const KindName* kn = nullptr;
+  for (const auto& k : kKinds)
+    if (base == k.name) kn = &k;
+  if (!kn)
+    throw FormatError("unknown format '" + full +
+                      "': expected fp16, bf16, fp32, fp8_e4m3, fp8_e5m2, int8, int4, int3, int2, "
+                      "nf4, nf3, nf2 (flags :gG, :s, :h), int8c, int4c, int2c, a '<k>/<v>' pair, "
+                      "kivi2 or kivi4");
+  ElemFormat f{kn->kind, default_group(kn->kind), false};
+  bool grouped = false, sym = false;
+  auto bad = [&](const std::string& why) { return FormatError("format '" + full + "': " + why); };
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const std::string& flag = parts[i];
+    if (flag == "h") {
+      if (!is_token_quant(f.kind))
+        throw bad("'" + base + "' takes no ':h' (the rotation applies to quantized per-token "
+                  "formats; per-channel formats keep their channels' own outliers)");
+      if (f.rotated) throw bad("':h' given twice");
+      f.rotated = true;
+    } else if (flag == "s") {
+      if (kn->sym == kn->kind)
+        throw bad("'" + base + "' takes no ':s' (symmetric variants: int4, int3, int2)");
+      if (sym) throw bad("':s' given twice");
+      sym = true;
+      f.kind = kn->sym;
+    } else if (flag.size() > 1 && flag[0] == 'g') {
+      if (!is_token_quant(f.kind)) throw bad("'" + base + "' takes no group size");
+      if (grouped) throw bad("the group size is given twice");
+      grouped = true;
+      int g = 0;
+      for (int c : kGroups)
+        if (flag == "g" + std::to_string(c)) g = c;
+      if (!g) throw bad("group size must be g32, g64, g128, g256 or g512, got '" + flag + "'");
+      f.group = g;
+    } else {
+      throw bad("unknown flag ':" + flag + "' (flags: :gG group size, :s symmetric, :h rotated)");
+    }
   }
-  throw FormatError("unknown format '" + full +
-                    "': expected fp16, bf16, fp8_e4m3, fp8_e5m2, int8, int4[:gG], "
-                    "int2[:gG], int8c, int4c, int2c, a '<k>/<v>' pair, kivi2 or kivi4");
+  return f;
 }
 
 FormatSpec parse_uncached(const std::string& spec) {
@@ -86,8 +124,9 @@ FormatSpec parse_uncached(const std::string& spec) {
 std::string side_problem(ElemFormat f, int head_dim) {
   if (kind_bits(f.kind) < 8 && head_dim % kChunk != 0)
     return "needs a multiple of " + std::to_string(kChunk);
-  if (is_grouped(f.kind) && head_dim % f.group != 0)
+  if (f.group && head_dim % f.group != 0)
     return "needs a multiple of its group size " + std::to_string(f.group);
+  if (f.rotated && !is_pow2(head_dim)) return "the rotation ':h' needs a power of two";
   return "";
 }
 

@@ -20,6 +20,9 @@ struct FormatSpec {
 
 constexpr int kBlockSizes[] = {16, 32, 64, 128};
 
+// The canonical spelling of one side ("int4:g64:h").
+std::string side_name(ElemFormat f);
+
 // Parses a spec (aliases kivi2, kivi4, fp8 included); cached, thread-safe.
 const FormatSpec& parse_spec(const std::string& spec);
 

@@ -10,6 +10,8 @@ SealArgs prepare_seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_b
   const FormatSpec& cf = spec_arg(cold_format, "cold_format");
   TORCH_CHECK_VALUE(!hf.per_channel(), "hot_format '", hf.name,
                     "' is per-channel; the hot tier holds per-token formats");
+  TORCH_CHECK_VALUE(!hf.k.rotated && !hf.v.rotated, "hot_format '", hf.name,
+                    "' is rotated (:h); the hot tier holds its tokens as they are");
   check_same_device(cold_pool, "cold_pool", hot_pool, "hot_pool");
   check_same_device(src_blocks, "src_blocks", hot_pool, "hot_pool");
   check_same_device(dst_blocks, "dst_blocks", hot_pool, "hot_pool");

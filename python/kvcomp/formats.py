@@ -18,11 +18,15 @@ from . import _C
 
 @dataclass(frozen=True)
 class SideFormat:
-    """One side (K or V) of a format: bits per element, group size, scale scope."""
+    """One side (K or V) of a format: its canonical spec, bits per code, group
+    size (0: one scale per token row), scale scope, and whether each token is
+    rotated (``:h``) before quantization."""
 
+    spec: str
     bits: int
     group: int
     per_channel: bool
+    rotated: bool
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ INTRO = ("There is an important pass key hidden inside a lot of irrelevant text.
          "Find it and memorize it. I will quiz you about the pass key.\n\n")
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+# Question-later mode: what comes between the cached document and the question,
+# fed one token at a time as decode steps (decode-time eviction acts on it).
+SEPARATOR = "\n\n(End of the document. A question about it follows.)"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -27,6 +30,7 @@ class NeedleCase:
     depth: float
     key: str
     ids: torch.Tensor  # [1, length]
+    question_start: int  # ids[:, question_start:] is the question
 
 
 class Filler:
@@ -59,7 +63,7 @@ def needle_case(tokenizer, filler: Filler, length: int, depth: float, rng: rando
     fill = filler.take(n_fill, rng)
     at = round(depth * n_fill)
     ids = intro + fill[:at] + needle + fill[at:] + question
-    return NeedleCase(length, depth, key, torch.tensor([ids]))
+    return NeedleCase(length, depth, key, torch.tensor([ids]), len(ids) - len(question))
 
 
 def answer_of(text: str) -> Optional[str]:
@@ -78,7 +82,22 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int) -> list[int]:
-    logits = prefill(model, ids, cache, chunk)
+    return _decode(model, prefill(model, ids, cache, chunk), cache, max_new)
+
+
+@torch.inference_mode()
+def greedy_later(model, tokenizer, case: NeedleCase, cache, chunk: int, max_new: int) -> list[int]:
+    """The question asked after the document: the document is prefilled
+    alone, the separator fed as single-token decode steps, then the question
+    as a new chunk that reads only the cache, then the greedy answer."""
+    prefill(model, case.ids[:, :case.question_start], cache, chunk)
+    for t in _encode(tokenizer, SEPARATOR):
+        model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = prefill(model, case.ids[:, case.question_start:], cache, chunk)
+    return _decode(model, logits, cache, max_new)
+
+
+def _decode(model, logits: torch.Tensor, cache, max_new: int) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     tokens: list[int] = []
