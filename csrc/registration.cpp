@@ -93,6 +93,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::make_pair(g.head_dim, g.block_size);
   }, pybind11::arg("spec"), pybind11::arg("tile_bytes"), pybind11::arg("head_dim") = 0);
   m.def("tile_layout", &layout, "Byte offsets of a tile's regions");
+  m.def("storable_max", [](const std::string& spec, int head_dim) {
+    const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
+    return std::make_pair(kvcomp::storable_max(f.k, head_dim), kvcomp::storable_max(f.v, head_dim));
+  }, "The largest |x| the K and V sides store (format.h storable_max)");
   m.def("set_cuda_validation", &kvcomp::set_cuda_validation, pybind11::arg("enabled"),
         "Turns the host-side data checks of the CUDA ops on or off (see ops/common.h)");
   m.def("cuda_validation", &kvcomp::cuda_validation, "Whether the CUDA ops check data on the host");

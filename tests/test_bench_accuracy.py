@@ -16,10 +16,11 @@ from kvcomp.bench import cli  # noqa: E402
 from kvcomp.bench import evaluate as ev  # noqa: E402
 
 WORDS = "the a house river garden letter morning walked said quietly over under light dark".split()
-POLICY_KEYS = {"policy", "spec", "bytes_per_token", "fraction_of_fp16", "needle_accuracy",
-               "needle_accuracy_vs_uncompressed", "needle_accuracy_by_length", "needle_grid",
-               "same_answers_as_uncompressed", "perplexity", "perplexity_ratio", "top1_agreement",
+POLICY_KEYS = {"policy", "spec", "bits_per_element", "bytes_per_token", "fraction_of_fp16", "needle",
+               "prefill_seconds", "prefill_vs_uncompressed", "perplexity", "perplexity_ratio", "top1_agreement",
                "attn_rel_err", "attn_rel_err_per_layer"}
+NEEDLE_KEYS = {"accuracy", "kept", "answerable", "accuracy_vs_uncompressed", "by_length", "grid",
+               "same_answers_as_uncompressed"}
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +55,68 @@ def tiny_model(tmp_path_factory, text):
 
 def test_quick_run_schema_and_exactness(tiny_model, text, tmp_path):
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
-    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--policies", "full,int8,h2o,streaming_llm",
-                   "--text", str(text), "--json", str(out), "--plot", str(png), "--plain"])
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text.read_text().split())) + "\n", encoding="utf-8")
+    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--policies",
+                   "full,int8,h2o,q4_0,format:nf3:h@16", "--peers", "none", "--lengths", "256,320",
+                   "--depths", "0,1", "--text", str(text), str(other), "--json", str(out), "--plot", str(png),
+                   "--plain"])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["geometry"] == {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64}
     assert data["fp16_bytes_per_token"] == 2 * 2 * 2 * 64
-    assert data["lengths"] == [256, 512] and data["depths"] == [0.0, 0.5, 1.0]
-    assert len(data["needle_cases"]) == 6
+    assert data["lengths"] == [256, 320] and data["depths"] == [0.0, 1.0]
+    assert data["modes"] == ["first", "later"] and data["texts"] == [str(text), str(other)]
+    assert len(data["needle_cases"]) == 8  # 2 texts x 2 lengths x 2 depths
+    assert [c["text"] for c in data["needle_cases"]] == [str(text)] * 4 + [str(other)] * 4
+    names = ["uncompressed", "full", "int8", "h2o", "q4_0", "format:nf3:h@16"]
     for case in data["needle_cases"]:
-        assert set(case["answers"]) == {"uncompressed", "full", "int8", "h2o", "streaming_llm"}
+        assert list(case["answers"]) == names
+        assert all(set(a) == {"first", "later"} for a in case["answers"].values())
         assert len(case["key"]) == 5 and case["key"].isdigit()
     pols = {p["policy"]: p for p in data["policies"]}
-    assert list(pols) == ["uncompressed", "full", "int8", "h2o", "streaming_llm"]
+    assert list(pols) == names
     for p in pols.values():
         assert POLICY_KEYS <= set(p)
-        assert len(p["needle_grid"]) == 2 and all(len(r) == 3 for r in p["needle_grid"])
-        assert 0 <= p["needle_accuracy"] <= 1 and 0 <= p["top1_agreement"] <= 1
+        for mode in ("first", "later"):
+            n = p["needle"][mode]
+            assert NEEDLE_KEYS <= set(n)
+            assert len(n["grid"]) == 2 and all(len(r) == 2 for r in n["grid"])
+            assert 0 <= n["accuracy"] <= 1
+        assert 0 <= p["top1_agreement"] <= 1 and p["prefill_seconds"] > 0
         assert len(p["attn_rel_err_per_layer"]) == 2
-    # Uncompressed-equivalent: same greedy answers and the same teacher-forced run.
+    # Uncompressed-equivalent: same greedy answers in both modes and the same teacher-forced run.
     full = pols["full"]
-    assert full["same_answers_as_uncompressed"] == 1.0
+    assert all(full["needle"][m]["same_answers_as_uncompressed"] == 1.0 for m in ("first", "later"))
     assert full["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert full["top1_agreement"] == 1.0 and full["attn_rel_err"] < 1e-5
-    assert full["fraction_of_fp16"] == {"256": 1.0, "512": 1.0}
+    assert full["fraction_of_fp16"] == {"256": 1.0, "320": 1.0}
+    assert full["bits_per_element"] == {"256": 16.0, "320": 16.0}
     # Compression shows: int8 is close but not exact; h2o holds a fifth of the cache.
     assert 1e-5 < pols["int8"]["attn_rel_err"] < 0.05
-    assert pols["h2o"]["fraction_of_fp16"]["512"] < 0.35
+    assert pols["h2o"]["fraction_of_fp16"]["320"] < 0.45
     assert pols["h2o"]["attn_rel_err"] > pols["int8"]["attn_rel_err"]
+    # llama.cpp's q4_0 is int4:s, every token quantized: 4 bits + an fp16 scale per 32
+    assert pols["q4_0"]["spec"]["cold_format"] == "int4:s" and pols["q4_0"]["spec"]["hot_window"] == 0
+    assert pols["q4_0"]["bits_per_element"]["320"] == 4.5
+    assert pols["format:nf3:h@16"]["spec"]["cold_format"] == "nf3:h"
     assert png.stat().st_size > 0 and (tmp_path / "acc-needle.png").stat().st_size > 0
+
+
+def test_peers_bits_and_factory(tiny_model):
+    """QuantizedCache peers: bits at equal footing (fp16 scale and zero per
+    group of 64, half the 128-token residual in fp16) and a working cache."""
+    from kvcomp.bench.peers import PEERS
+    p = PEERS["quanto-int4"]
+    assert p.bits_per_element(2048) == pytest.approx((4.5 * (2048 - 64) + 16 * 64) / 2048)
+    assert PEERS["hqq-int2"].bits_per_element(32) == 16.0  # all of it in the residual
+    if not p.available():
+        pytest.skip("optimum-quanto is not installed")
+    model = LlamaForCausalLM.from_pretrained(tiny_model)
+    cache = p.factory(model.config)()
+    ids = torch.randint(0, 100, (1, 300))
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 300
 
 
 def test_needle_case_has_exact_length_and_key():
@@ -109,6 +143,9 @@ def test_needle_case_has_exact_length_and_key():
     (["--depths", "0.5,1.5"], "depths in [0, 1]"),
     (["--lengths", "0"], "positive ints"),
     (["--trials", "-1"], "positive int"),
+    (["--peers", "quanto-int3"], "unknown peer 'quanto-int3'"),
+    (["--modes", "first,never"], "not a list of modes"),
+    (["--policies", "format:int9@4"], "policy 'format:int9@4'"),
 ])
 def test_bad_arguments_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:

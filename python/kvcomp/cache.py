@@ -130,6 +130,9 @@ class PagedKVCache:
         self.hot_format = p.resolved_hot_format(dtype)
         self.cold_format = p.cold_format
         KVFormat.parse(self.cold_format).tile_bytes(head_dim, bs)  # ValueError: head_dim unsupported
+        # The largest |x| of K and V that both tiers store (format.h storable_max).
+        limits = [KVFormat.parse(f).storable_max(head_dim) for f in (self.hot_format, self.cold_format)]
+        self._storable_max = tuple(min(l[i] for l in limits) for i in (0, 1))
         self._direct = p._direct()
         self._has_hot = not self._direct
         self._has_cold = p.hot_window is not None
@@ -236,9 +239,10 @@ class PagedKVCache:
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} holds NaN or Inf; the cache never stores them")
-        if "fp16" in (self.hot_format, self.cold_format.split("/")[0], self.cold_format.split("/")[-1]) \
-                and bool((t.abs() >= 65520).any()):
-            raise ValueError(f"{name} holds values beyond fp16's range (|x| >= 65520)")
+        top = self._storable_max[name == "value"]
+        if bool((t.abs() > top).any()):
+            raise ValueError(f"{name} holds values beyond +-{top:g}, the largest its tiers' formats store "
+                             f"(fp16 storage below 65520, fp16 scales 65504, rotated formats 65504/sqrt(head_dim))")
 
     def _fresh(self, st: _Layer, n: int) -> torch.Tensor:
         """Positions [kv_heads, n] of the next n tokens of a sequence."""

@@ -69,6 +69,11 @@ class KVFormat:
         """Byte offsets of a tile's regions (see docs/format.md)."""
         return _C.tile_layout(self.name, int(head_dim), int(block_size))
 
+    def storable_max(self, head_dim: int) -> tuple[float, float]:
+        """The largest |x| the K and V sides store (fp16: below 65520; 16-bit
+        scales: 65504; rotated: 65504 / sqrt(head_dim)). The ops reject more."""
+        return tuple(_C.storable_max(self.name, int(head_dim)))
+
     def geometry(self, tile_bytes: int, head_dim: int = 0) -> tuple[int, int]:
         """(head_dim, block_size) of a pool whose last dimension is tile_bytes."""
         return tuple(_C.infer_geometry(self.name, int(tile_bytes), int(head_dim)))

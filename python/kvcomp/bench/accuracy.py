@@ -1,15 +1,20 @@
 """``kvcomp-bench accuracy``: what each policy costs in quality on a real
-causal LM, against the uncompressed cache (transformers' DynamicCache) in the
-same run.
+causal LM, against the uncompressed cache (transformers' DynamicCache) and
+peers (llama.cpp's KV types as kvcomp formats; transformers' QuantizedCache
+with quanto and HQQ where installed) in the same run, on the same prompts.
 
 - Pass-key retrieval: a random 5-digit key hidden at several depths of filler
-  (the classic sentences, or windows of ``--text``) at several lengths;
-  greedy answer checked exactly.
-- Perplexity of ``--text`` through a teacher-forced decode, plus fidelity:
-  next-token top-1 agreement and each layer's attention-output relative
-  error, step by step against the uncompressed run.
-Bytes per token are the policies' fp16 footprint on the model's geometry
-(Policy.bytes_per_token). The model runs in fp32 on the CPU."""
+  (windows of each ``--text``, or the classic sentences) at several lengths;
+  greedy answer checked exactly, in two modes: the question with the
+  document ("first"), and after it ("later": the document is cached alone,
+  a separator fed as decode steps, then the question reads only the cache,
+  as in a chat's later turn or a saved memory file).
+- Perplexity of each ``--text`` through a teacher-forced decode, plus
+  fidelity: next-token top-1 agreement and each layer's attention-output
+  relative error, step by step against the uncompressed run.
+Bytes per token and bits per element (all-in: codes, scales, full-precision
+tokens, block padding) are each policy's fp16 footprint on the model's
+geometry (Policy.bytes_per_token). The model runs in fp32 on the CPU."""
 from __future__ import annotations
 
 import argparse
@@ -27,12 +32,15 @@ from .. import policies as presets
 from . import evaluate as ev
 from . import models
 from . import timing
+from .peers import LLAMA_CPP, PEERS, llama_cpp_policy
 from .plots import pyplot
 from .report import print_table, write_json
 
-FULL = dict(lengths=[1024, 2048, 4096, 8192], depths=[0.0, 0.25, 0.5, 0.75, 1.0], ppl_context=2048,
-            ppl_tokens=512, chunk=512)
+FULL = dict(lengths=[1024, 2048, 3072, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], ppl_context=1920,
+            ppl_tokens=384, chunk=512)
 QUICK = dict(lengths=[256, 512], depths=[0.0, 0.5, 1.0], ppl_context=256, ppl_tokens=32, chunk=128)
+MODES = ("first", "later")
+FORMAT_PREFIX = "format:"  # --policies format:<spec>[@<hot_window>]: a policy of one cold format
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,23 +48,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a local transformers causal-LM folder, or {models.SMOLLM2!r} (default; "
                         f"needs: {models.INSTALL_HINT})")
     p.add_argument("--policies", type=_names, default=list(presets.PRESETS),
-                   help=f"comma-separated presets (default: all: {','.join(presets.PRESETS)})")
+                   help=f"comma-separated: presets ({','.join(presets.PRESETS)}; default: all), llama.cpp's KV "
+                        f"types ({','.join(LLAMA_CPP)}), or {FORMAT_PREFIX}<spec>[@<hot_window>]")
+    p.add_argument("--peers", type=_peer_names, default=None,
+                   help=f"transformers QuantizedCache peers: {','.join(PEERS)}, 'none', or 'all' "
+                        "(default: those whose backend is installed)")
+    p.add_argument("--modes", type=_modes, default=list(MODES),
+                   help="pass-key modes: first (question with the document), later (after it); default both")
     p.add_argument("--lengths", type=_ints, help="pass-key prompt lengths in tokens "
-                                                 "(default 1024,2048,4096,8192; quick 256,512)")
+                                                 "(default 1024,2048,3072,4096; quick 256,512)")
     p.add_argument("--depths", type=_fractions, help="key depths in [0, 1] (default 0,.25,.5,.75,1; quick 0,.5,1)")
-    p.add_argument("--trials", type=_positive, default=1, help="random keys per (length, depth) (default 1)")
-    p.add_argument("--text", type=Path, help="a UTF-8 text: pass-key filler and perplexity text "
-                                            "(default: classic filler; perplexity needs --text)")
-    p.add_argument("--ppl-context", type=_positive, help="tokens of --text per perplexity run (default 2048)")
-    p.add_argument("--ppl-tokens", type=_positive, help="of which the last N are decoded and scored (default 512)")
+    p.add_argument("--trials", type=_positive, default=1, help="random keys per (text, length, depth) (default 1)")
+    p.add_argument("--text", type=Path, nargs="+", action="extend",
+                   help="UTF-8 texts: pass-key filler (prompts spread over them) and perplexity texts "
+                        "(one window each; default: classic filler, no perplexity)")
+    p.add_argument("--ppl-context", type=_positive, help="tokens of each --text per perplexity run (default 1920)")
+    p.add_argument("--ppl-tokens", type=_positive, help="of which the last N are decoded and scored (default 384)")
     p.add_argument("--chunk", type=_positive, help="prefill chunk in tokens (default 512; quick 128)")
     p.add_argument("--max-new", type=_positive, default=8, help="tokens generated per answer (default 8)")
     p.add_argument("--quick", action="store_true", help="short lengths and texts, for a smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write all numbers to PATH")
-    p.add_argument("--plot", metavar="PNG", help="bytes per token vs pass-key accuracy per policy (PNG), "
-                                                 "and the per-policy (length x depth) heatmap next to it")
+    p.add_argument("--plot", metavar="PNG", help="bits per element vs pass-key answers kept and perplexity "
+                                                 "per policy (PNG), and the per-policy (length x depth) heatmap")
 
 
 def run(args) -> int:
@@ -73,10 +88,16 @@ def run(args) -> int:
             pyplot()  # before the run, not after an hour of it
         except ValueError as e:
             return _error(str(e))
-    try:
-        text = args.text.read_text(encoding="utf-8") if args.text else None
-    except (OSError, UnicodeDecodeError) as e:
-        return _error(f"--text {str(args.text)!r}: {e}")
+    texts = []
+    for path in args.text or []:
+        try:
+            texts.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as e:
+            return _error(f"--text {str(path)!r}: {e}")
+    peers = [n for n in PEERS if PEERS[n].available()] if args.peers is None else args.peers
+    missing = [f"{n} ({PEERS[n].install})" for n in peers if not PEERS[n].available()]
+    if missing:
+        return _error(f"peers not installed: {', '.join(missing)}")
     try:
         path = models.resolve(args.model)
         model, tokenizer = models.load(path)
@@ -89,43 +110,51 @@ def run(args) -> int:
     geometry = dict(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                     head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     fp16 = 2 * 2 * geometry["num_layers"] * geometry["num_kv_heads"] * geometry["head_dim"]
-    pols = {name: presets.PRESETS[name]() for name in args.policies}
+    try:
+        pols = {name: _policy(name) for name in args.policies}
+    except ValueError as e:
+        return _error(str(e))
     for name, p in pols.items():
         try:
             kvcomp.KVFormat.parse(p.cold_format).tile_bytes(geometry["head_dim"], p.block_size)
         except ValueError as e:
             return _error(f"policy {name} cannot store this model's K/V: {e}")
-    capacity = max(max(lengths) + args.max_new, ppl_context) + chunk
+    capacity = max(max(lengths) + args.max_new + 64, ppl_context) + chunk
     caches = {"uncompressed": lambda: DynamicCache(config=cfg),
-              **{n: (lambda p=p: KVCompCache(policy=p, max_tokens=capacity)) for n, p in pols.items()}}
+              **{n: (lambda p=p: KVCompCache(policy=p, max_tokens=capacity)) for n, p in pols.items()},
+              **{n: PEERS[n].factory(cfg) for n in peers}}
     rng = random.Random(args.seed)
     try:
-        filler = ev.Filler(tokenizer, text)
-        cases = [ev.needle_case(tokenizer, filler, L, d, rng)
-                 for _ in range(args.trials) for L in lengths for d in depths]
-        ppl_ids = torch.tensor([filler.take(ppl_context, rng)]) if text is not None else None
+        fillers = [(name, ev.Filler(tokenizer, t)) for name, t in texts] or [("classic", ev.Filler(tokenizer, None))]
+        cases = [(name, ev.needle_case(tokenizer, filler, L, d, rng))
+                 for _ in range(args.trials) for name, filler in fillers for L in lengths for d in depths]
+        ppl_ids = [torch.tensor([f.take(ppl_context, rng)]) for _, f in fillers] if texts else []
     except ValueError as e:
         return _error(str(e))
 
     started = time.perf_counter()
-    steps = len(caches) * (sum(_needle_cost(c, args.max_new) for c in cases)
-                           + (ppl_tokens if ppl_ids is not None else 0))
+    steps = len(caches) * (sum(_needle_cost(c, args.max_new) for _, c in cases) * len(args.modes)
+                           + ppl_tokens * len(ppl_ids))
     with _progress(steps) as advance:
-        needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, advance)
-        ppl = _run_perplexity(model, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) \
-            if ppl_ids is not None else None
+        needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, args.modes, advance)
+        ppl = _run_perplexity(model, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) if ppl_ids else None
+    # fp16 stores 16 bits an element: bits = 16 * bytes / fp16's bytes
+    bits = {n: (lambda L, p=p: 16 * p.bytes_per_token(**geometry, seq_len=L, dtype=torch.float16) / fp16)
+            for n, p in pols.items()}
+    bits.update({n: PEERS[n].bits_per_element for n in peers})
+    bits["uncompressed"] = lambda L: 16.0
     result = {
         "device": timing.device_name(torch.device("cpu")), "torch": torch.__version__,
         "kvcomp": kvcomp.__version__, "commit": timing.git_commit(), "threads": torch.get_num_threads(),
         "model": str(path), "model_name": args.model, "geometry": geometry,
         "fp16_bytes_per_token": fp16, "lengths": lengths, "depths": depths, "trials": args.trials,
-        "chunk": chunk, "max_new": args.max_new, "seed": args.seed,
-        "filler": str(args.text) if text is not None else "classic",
-        "perplexity_text": None if ppl_ids is None else
-        {"path": str(args.text), "context": ppl_context, "scored_tokens": ppl_tokens},
+        "modes": args.modes, "chunk": chunk, "max_new": args.max_new, "seed": args.seed,
+        "texts": [name for name, _ in fillers], "separator": ev.SEPARATOR,
+        "perplexity_text": None if not ppl_ids else
+        {"paths": [name for name, _ in texts], "context": ppl_context, "scored_tokens": ppl_tokens},
         "seconds": round(time.perf_counter() - started, 1),
         "needle_cases": needle["cases"],
-        "policies": [_summary(name, pols.get(name), needle, ppl, geometry, fp16, lengths, depths)
+        "policies": [_summary(name, pols.get(name), needle, ppl, bits[name], fp16, lengths, depths, args.modes)
                      for name in caches],
     }
     _print(result, getattr(args, "plain", False))
@@ -138,6 +167,15 @@ def run(args) -> int:
     return 0
 
 
+def _policy(name: str) -> kvcomp.Policy:
+    if name in presets.PRESETS:
+        return presets.PRESETS[name]()
+    if name in LLAMA_CPP:
+        return llama_cpp_policy(name)
+    spec, _, hot = name[len(FORMAT_PREFIX):].partition("@")
+    return kvcomp.Policy(cold_format=spec, hot_window=int(hot or 0), name=name)
+
+
 PREFILL_SPEEDUP = 8  # prompt tokens per second / decode steps per second, roughly (CPU, chunks of 512)
 
 
@@ -146,43 +184,69 @@ def _needle_cost(case, max_new: int) -> int:
     return case.length // PREFILL_SPEEDUP + max_new
 
 
-def _run_needle(model, tokenizer, cases, caches, chunk, max_new, advance) -> dict:
-    rows = []
-    for case in cases:
-        row = {"length": case.length, "depth": case.depth, "key": case.key, "answers": {}}
+def _run_needle(model, tokenizer, cases, caches, chunk, max_new, modes, advance) -> dict:
+    rows, prefill = [], {name: 0.0 for name in caches}
+    for text, case in cases:
+        row = {"text": text, "length": case.length, "depth": case.depth, "key": case.key, "answers": {}}
         for name, make in caches.items():
-            tokens = ev.greedy(model, case.ids, make(), chunk, max_new)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            row["answers"][name] = {"text": text, "correct": ev.answer_of(text) == case.key, "tokens": tokens}
-            advance(_needle_cost(case, max_new))
-        ref = row["answers"]["uncompressed"]["tokens"]
+            row["answers"][name] = {}
+            for mode in modes:
+                if mode == "first":
+                    tokens, seconds = ev.greedy(model, case.ids, make(), chunk, max_new)
+                else:
+                    tokens, seconds = ev.greedy_later(model, tokenizer, case, make(), chunk, max_new)
+                prefill[name] += seconds
+                answer = tokenizer.decode(tokens, skip_special_tokens=True)
+                row["answers"][name][mode] = {"text": answer, "correct": ev.answer_of(answer) == case.key,
+                                              "tokens": tokens}
+                advance(_needle_cost(case, max_new))
+        for mode in modes:
+            ref = row["answers"]["uncompressed"][mode]["tokens"]
+            for a in row["answers"].values():
+                a[mode]["same_as_uncompressed"] = a[mode]["tokens"] == ref
         for a in row["answers"].values():
-            a["same_as_uncompressed"] = a.pop("tokens") == ref if a is not row["answers"]["uncompressed"] \
-                else True
+            for mode in modes:
+                a[mode].pop("tokens")
         rows.append(row)
-    return {"cases": rows}
+    return {"cases": rows, "prefill_seconds": prefill}
 
 
-def _run_perplexity(model, ids, caches, prefix, chunk, advance) -> dict:
-    runs = {name: ev.teacher_forced(model, ids, make(), prefix, chunk, advance) for name, make in caches.items()}
-    return {name: ev.fidelity(r, runs["uncompressed"]) for name, r in runs.items()}
+def _run_perplexity(model, ids_list, caches, prefix, chunk, advance) -> dict:
+    runs = {name: [ev.teacher_forced(model, ids, make(), prefix, chunk, advance) for ids in ids_list]
+            for name, make in caches.items()}
+    joined = {name: ev.TeacherForced(torch.cat([r.nll for r in rs]), torch.cat([r.top1 for r in rs]),
+                                     torch.cat([r.attn for r in rs]))
+              for name, rs in runs.items()}
+    return {name: ev.fidelity(r, joined["uncompressed"]) for name, r in joined.items()}
 
 
-def _summary(name, policy, needle, ppl, geometry, fp16, lengths, depths) -> dict:
-    answers = [(c["length"], c["depth"], c["answers"][name]) for c in needle["cases"]]
-    acc = lambda sel: sum(a["correct"] for a in sel) / max(len(sel), 1)
-    bpt = {L: (policy.bytes_per_token(**geometry, seq_len=L, dtype=torch.float16) if policy else fp16)
-           for L in lengths}
-    ref_acc = acc([c["answers"]["uncompressed"] for c in needle["cases"]])
+def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes) -> dict:
+    by_mode = {}
+    for mode in modes:
+        answers = [(c["length"], c["depth"], c["answers"][name][mode]) for c in needle["cases"]]
+        refs = [c["answers"]["uncompressed"][mode] for c in needle["cases"]]
+        acc = lambda sel: sum(a["correct"] for a in sel) / max(len(sel), 1)
+        answerable = [a for a, r in zip(answers, refs) if r["correct"]]
+        ref_acc = acc(refs)
+        by_mode[mode] = {
+            "accuracy": acc([a for *_, a in answers]),
+            # of the prompts the uncompressed cache answers, the share this one answers too
+            "kept": acc([a for *_, a in answerable]) if answerable else None,
+            "answerable": len(answerable),
+            "accuracy_vs_uncompressed": acc([a for *_, a in answers]) / ref_acc if ref_acc else None,
+            "by_length": {str(L): acc([a for l, _, a in answers if l == L]) for L in lengths},
+            "grid": [[acc([a for l, d, a in answers if l == L and d == D]) for D in depths] for L in lengths],
+            "same_answers_as_uncompressed": sum(a["same_as_uncompressed"] for *_, a in answers) / max(len(answers), 1),
+        }
+    bpe = {str(L): bits(L) for L in lengths}
     out = {
         "policy": name, "spec": None if policy is None else _spec(policy),
-        "bytes_per_token": {str(L): b for L, b in bpt.items()},
-        "fraction_of_fp16": {str(L): b / fp16 for L, b in bpt.items()},
-        "needle_accuracy": acc([a for *_, a in answers]),
-        "needle_accuracy_vs_uncompressed": acc([a for *_, a in answers]) / ref_acc if ref_acc else None,
-        "needle_accuracy_by_length": {str(L): acc([a for l, _, a in answers if l == L]) for L in lengths},
-        "needle_grid": [[acc([a for l, d, a in answers if l == L and d == D]) for D in depths] for L in lengths],
-        "same_answers_as_uncompressed": sum(a["same_as_uncompressed"] for *_, a in answers) / max(len(answers), 1),
+        "bits_per_element": bpe,
+        "bytes_per_token": {L: b * fp16 / 16 for L, b in bpe.items()},
+        "fraction_of_fp16": {L: b / 16 for L, b in bpe.items()},
+        "needle": by_mode,
+        "prefill_seconds": round(needle["prefill_seconds"][name], 2),
+        "prefill_vs_uncompressed": needle["prefill_seconds"][name] / max(needle["prefill_seconds"]["uncompressed"], 1e-9),
     }
     if ppl is not None:
         out.update({k: v for k, v in ppl[name].items()})
@@ -194,21 +258,30 @@ def _spec(policy) -> dict:
     return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
 
 
+def report_length(result) -> str:
+    """The length the table and plot report bytes at: 2048 tokens if measured, else the longest."""
+    return "2048" if 2048 in result["lengths"] else str(result["lengths"][-1])
+
+
 def _print(result, plain: bool) -> None:
-    longest = str(result["lengths"][-1])
+    at = report_length(result)
     rows = []
     for p in result["policies"]:
-        rows.append({**p, "bpt": p["bytes_per_token"][longest], "frac": p["fraction_of_fp16"][longest],
-                     "acc": p["needle_accuracy"], "vs": p["needle_accuracy_vs_uncompressed"]})
-    cols = [("policy", "policy", "{}"), (f"B/token @{longest}", "bpt", "{:.0f}"), ("x fp16", "frac", "{:.3f}"),
-            ("pass-key acc", "acc", "{:.2f}"), ("vs uncompressed", "vs", _maybe("{:.2f}")),
-            ("same answers", "same_answers_as_uncompressed", "{:.2f}")]
+        row = {**p, "bits": p["bits_per_element"][at], "frac": p["fraction_of_fp16"][at]}
+        for mode in result["modes"]:
+            row[f"acc_{mode}"] = p["needle"][mode]["accuracy"]
+            row[f"kept_{mode}"] = p["needle"][mode]["kept"]
+        rows.append(row)
+    cols = [("policy", "policy", "{}"), (f"bits/elem @{at}", "bits", "{:.3f}"), ("x fp16", "frac", "{:.3f}")]
+    for mode in result["modes"]:
+        cols += [(f"pass-key {mode}", f"acc_{mode}", "{:.2f}"), (f"kept {mode}", f"kept_{mode}", _maybe("{:.2f}"))]
+    cols += [("prefill x", "prefill_vs_uncompressed", "{:.2f}")]
     if result["perplexity_text"]:
         cols += [("ppl ratio", "perplexity_ratio", "{:.4f}"), ("top-1 agree", "top1_agreement", "{:.3f}"),
                  ("attn rel err", "attn_rel_err", "{:.2e}")]
     print_table(f"{result['model_name']}: {result['geometry']}; pass-key at {result['lengths']} tokens x "
-                f"depths {result['depths']} x {result['trials']} trial(s); {result['seconds']} s",
-                cols, rows, plain)
+                f"depths {result['depths']} x {len(result['texts'])} text(s) x {result['trials']} trial(s); "
+                f"{result['seconds']} s", cols, rows, plain)
 
 
 def _maybe(fmt):
@@ -241,10 +314,38 @@ def _error(message: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [n for n in names if n not in presets.PRESETS]
+    known = lambda n: n in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
+    bad = [n for n in names if not known(n)]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown policy {', '.join(map(repr, bad or [text]))}: "
-                                         f"choose from {', '.join(presets.PRESETS)}")
+                                         f"choose from {', '.join([*presets.PRESETS, *LLAMA_CPP])} "
+                                         f"or {FORMAT_PREFIX}<spec>[@<hot_window>]")
+    for n in names:
+        if n.startswith(FORMAT_PREFIX):
+            try:
+                _policy(n)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"policy {n!r}: {e}") from None
+    return names
+
+
+def _peer_names(text: str) -> list[str]:
+    if text in ("none", ""):
+        return []
+    if text == "all":
+        return list(PEERS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in PEERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(map(repr, bad))}: choose from "
+                                         f"{', '.join(PEERS)}, none or all")
+    return names
+
+
+def _modes(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(n not in MODES for n in names):
+        raise argparse.ArgumentTypeError(f"not a list of modes from {', '.join(MODES)}: {text!r}")
     return names
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -81,20 +82,27 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int) -> list[int]:
-    return _decode(model, prefill(model, ids, cache, chunk), cache, max_new)
+def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int) -> tuple[list[int], float]:
+    """The greedy answer to a prompt, and the seconds its prefill took."""
+    start = time.perf_counter()
+    logits = prefill(model, ids, cache, chunk)
+    seconds = time.perf_counter() - start
+    return _decode(model, logits, cache, max_new), seconds
 
 
 @torch.inference_mode()
-def greedy_later(model, tokenizer, case: NeedleCase, cache, chunk: int, max_new: int) -> list[int]:
+def greedy_later(model, tokenizer, case: NeedleCase, cache, chunk: int, max_new: int) -> tuple[list[int], float]:
     """The question asked after the document: the document is prefilled
     alone, the separator fed as single-token decode steps, then the question
-    as a new chunk that reads only the cache, then the greedy answer."""
+    as a new chunk that reads only the cache, then the greedy answer. Returns
+    the answer and the seconds of the document's prefill."""
+    start = time.perf_counter()
     prefill(model, case.ids[:, :case.question_start], cache, chunk)
+    seconds = time.perf_counter() - start
     for t in _encode(tokenizer, SEPARATOR):
         model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = prefill(model, case.ids[:, case.question_start:], cache, chunk)
-    return _decode(model, logits, cache, max_new)
+    return _decode(model, logits, cache, max_new), seconds
 
 
 def _decode(model, logits: torch.Tensor, cache, max_new: int) -> list[int]:
