@@ -26,7 +26,9 @@ PRESET_FIELDS = {
     "full": dict(hot_window=None, eviction=None, sinks=0, budget=None, window=None),
     "fp8": dict(cold_format="fp8_e4m3", hot_window=0, eviction=None, budget=None),
     "int8": dict(cold_format="int8", hot_window=0, eviction=None, budget=None),
-    "int4": dict(cold_format="int4", hot_window=64, eviction=None, budget=None),
+    "int4": dict(cold_format="nf4:h", hot_window=64, eviction=None, budget=None),
+    "int3": dict(cold_format="nf3:g64:h", hot_window=64, eviction=None, budget=None),
+    "int2": dict(cold_format="nf2:g64:h", hot_window=128, eviction=None, budget=None),
     "kivi2": dict(cold_format="int2c/int2", hot_window=128, block_size=32, eviction=None),
     "streaming_llm": dict(eviction="streaming", sinks=4, window=1020, budget=None),
     "h2o": dict(eviction="h2o", budget=0.2, window=None),
@@ -60,7 +62,7 @@ def test_preset_arguments_and_overrides():
     assert P.h2o(budget=48).budget == 48
     assert P.h2o().sinks > 0  # sinks are kept by the h2o preset
     p = P.int4(hot_window=128, block_size=32)
-    assert (p.cold_format, p.hot_window, p.block_size, p.name) == ("int4", 128, 32, "int4")
+    assert (p.cold_format, p.hot_window, p.block_size, p.name) == ("nf4:h", 128, 32, "int4")
     assert P.int8(name="mine").name == "mine"
     # aliases are canonicalized; replace() validates again
     assert Policy(cold_format="kivi4").cold_format == "int4c/int4"
@@ -206,7 +208,7 @@ def test_direct_bytes_per_token(fmt, bs, blocks):
 
 def test_tiered_bytes_per_token_long_context():
     """With a hot window, the per-token cost tends to the cold format's."""
-    cold = KVFormat.parse("int4").bytes_per_token(128, 16) * 32 * 8
+    cold = KVFormat.parse(P.int4().cold_format).bytes_per_token(128, 16) * 32 * 8
     p = P.int4()
     short, long = p.bytes_per_token(32, 8, 128, 64), p.bytes_per_token(32, 8, 128, 1 << 17)
     assert short == 131072  # all hot
@@ -216,7 +218,7 @@ def test_tiered_bytes_per_token_long_context():
     hot, cold_tokens = p.plan(n)
     assert hot + cold_tokens == n and 49 <= hot <= 64 and cold_tokens % 16 == 0
     hot_tile = KVFormat.parse("fp16").tile_bytes(128, 16)
-    cold_tile = KVFormat.parse("int4").tile_bytes(128, 16)
+    cold_tile = KVFormat.parse(P.int4().cold_format).tile_bytes(128, 16)
     want = 32 * 8 * (math.ceil(hot / 16) * hot_tile + cold_tokens // 16 * cold_tile) / n
     assert p.bytes_per_token(32, 8, 128, n) == want
 
