@@ -17,8 +17,8 @@ from kvcomp.bench import evaluate as ev  # noqa: E402
 
 WORDS = "the a house river garden letter morning walked said quietly over under light dark".split()
 POLICY_KEYS = {"policy", "spec", "bits_per_element", "bytes_per_token", "fraction_of_fp16", "needle",
-               "prefill_seconds", "prefill_vs_uncompressed", "perplexity", "perplexity_ratio", "top1_agreement",
-               "attn_rel_err", "attn_rel_err_per_layer"}
+               "prefill_seconds", "prefill_vs_uncompressed", "nll", "nll_ratio", "perplexity", "perplexity_ratio",
+               "top1_agreement", "attn_rel_err", "attn_rel_err_per_layer"}
 NEEDLE_KEYS = {"accuracy", "kept", "answerable", "accuracy_vs_uncompressed", "by_length", "grid",
                "same_answers_as_uncompressed"}
 
@@ -89,6 +89,7 @@ def test_quick_run_schema_and_exactness(tiny_model, text, tmp_path):
     full = pols["full"]
     assert all(full["needle"][m]["same_answers_as_uncompressed"] == 1.0 for m in ("first", "later"))
     assert full["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert full["nll_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert full["top1_agreement"] == 1.0 and full["attn_rel_err"] < 1e-5
     assert full["fraction_of_fp16"] == {"256": 1.0, "320": 1.0}
     assert full["bits_per_element"] == {"256": 16.0, "320": 16.0}

@@ -277,8 +277,8 @@ def _print(result, plain: bool) -> None:
         cols += [(f"pass-key {mode}", f"acc_{mode}", "{:.2f}"), (f"kept {mode}", f"kept_{mode}", _maybe("{:.2f}"))]
     cols += [("prefill x", "prefill_vs_uncompressed", "{:.2f}")]
     if result["perplexity_text"]:
-        cols += [("ppl ratio", "perplexity_ratio", "{:.4f}"), ("top-1 agree", "top1_agreement", "{:.3f}"),
-                 ("attn rel err", "attn_rel_err", "{:.2e}")]
+        cols += [("NLL ratio", "nll_ratio", "{:.4f}"), ("ppl ratio", "perplexity_ratio", "{:.4f}"),
+                 ("top-1 agree", "top1_agreement", "{:.3f}"), ("attn rel err", "attn_rel_err", "{:.2e}")]
     print_table(f"{result['model_name']}: {result['geometry']}; pass-key at {result['lengths']} tokens x "
                 f"depths {result['depths']} x {len(result['texts'])} text(s) x {result['trials']} trial(s); "
                 f"{result['seconds']} s", cols, rows, plain)

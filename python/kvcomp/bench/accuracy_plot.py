@@ -46,14 +46,15 @@ def plot_accuracy(result: dict, path: str) -> list[str]:
     if panels == 2:
         ax = axes[0, 1]
         for p in pols:
-            x, y = p["bits_per_element"][at], p["perplexity_ratio"]
+            x, y = p["bits_per_element"][at], p["nll_ratio"]
             ax.scatter(x, y, s=36, color="C2")
             ax.annotate(p["policy"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"bits per element, all-in, at {at} tokens (log)")
-        ax.set_ylabel("perplexity ratio to the uncompressed cache (log)")
-        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_ylabel("mean NLL ratio to the uncompressed cache (log)")
+        for level, style in ((1.0, "-"), (1.01, ":"), (1.03, ":")):
+            ax.axhline(level, color="grey", lw=1, ls=style)
         ax.grid(alpha=0.3)
     n = len(result["needle_cases"])
     fig.suptitle(f"{result['model_name']} ({result['device']}, commit {result['commit']}): {n} prompts per mode",

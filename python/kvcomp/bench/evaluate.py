@@ -153,11 +153,15 @@ def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
 
 
 def fidelity(run: TeacherForced, ref: TeacherForced) -> dict:
-    """Perplexity, next-token top-1 agreement and attention-output relative
-    error (mean over decode steps, per layer) against the reference run."""
+    """Mean NLL and perplexity (each also as a ratio to the reference's),
+    next-token top-1 agreement and attention-output relative error (mean over
+    decode steps, per layer) against the reference run. A perplexity ratio r
+    is an NLL ratio of 1 + ln(r) / NLL: ppl x1.03 is NLL x1.01 at NLL 3."""
     rel = (run.attn - ref.attn).norm(dim=-1) / ref.attn.norm(dim=-1).clamp_min(1e-30)
     per_layer = rel.mean(0)
     return {
+        "nll": float(run.nll.mean()),
+        "nll_ratio": float(run.nll.mean() / ref.nll.mean()),
         "perplexity": float(run.nll.mean().exp()),
         "perplexity_ratio": float((run.nll.mean() - ref.nll.mean()).exp()),
         "top1_agreement": float((run.top1 == ref.top1).double().mean()),

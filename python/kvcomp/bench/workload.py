@@ -10,8 +10,9 @@ import torch
 import kvcomp
 from kvcomp import ops
 
-ALL_FORMATS = ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "int2", "kivi2", "int4c/int4"]
-QUICK_FORMATS = ["int8", "int4", "kivi2"]
+ALL_FORMATS = ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "int4:s", "int4:h", "nf4:h", "int3:g64:h",
+               "nf3:g64:h", "int2", "nf2:g64:h", "kivi2", "int4c/int4"]
+QUICK_FORMATS = ["int8", "int4", "nf4:h", "kivi2"]
 
 
 @dataclass(frozen=True)
