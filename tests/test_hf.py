@@ -10,7 +10,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 
 import kvcomp  # noqa: E402
 from kvcomp import policies  # noqa: E402
-from kvcomp.integrations.hf import KVCompCache  # noqa: E402
+from kvcomp.integrations.hf import BlindEvictionError, KVCompCache  # noqa: E402
 
 PROMPT, NEW, PAD = 300, 48, 37
 
@@ -223,3 +223,26 @@ def test_h2o_prompt_chunks_end_within_budget():
             model(ids[:, s:s + 100], past_key_values=cache, use_cache=True)
             for layer in cache.layers:
                 assert layer.cache._seqs[0][0].cold.len <= p.cold_budget(s + 100)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("preset", ["h2o", "combined"])
+def test_eviction_by_scores_refuses_attention_without_scores(batch, attn, preset):
+    """eager and sdpa compute no scores for the cache: an H2O policy raises
+    naming attn_implementation before anything is evicted, never evicts blind."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    cache = KVCompCache(policy=policies.PRESETS[preset]())
+    with pytest.raises(BlindEvictionError, match="attn_implementation"):
+        _generate(model, batch, attn, cache, new=4)
+    ids, _ = batch
+    for layer in cache.layers:  # the whole prompt is still held (padding too): nothing was evicted
+        assert layer.held_counts().tolist() == [ids.shape[1]] * ids.shape[0]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_streaming_needs_no_scores(batch, attn):
+    torch.manual_seed(0)
+    model = _llama().eval()
+    out = _generate(model, batch, attn, KVCompCache(policy=policies.streaming_llm(sinks=4, window=60)), new=4)
+    assert out.shape[1] == batch[0].shape[1] + 4

@@ -518,7 +518,6 @@ def test_hf_cache_continues_in_a_new_process(tmp_path):
     cases, want = [], []
     for i, (policy, attn) in enumerate(((P.int4(hot_window=16), "kvcomp"),
                                         (P.h2o(budget=16, hot_window=16), "kvcomp"),
-                                        (P.h2o(budget=16, hot_window=16), "eager"),  # saved pending eviction
                                         (P.combined(budget=16), "kvcomp"))):  # observe: prompt held until decode
         model.set_attn_implementation(attn)
         cache = KVCompCache(policy=policy, max_tokens=1024)

@@ -35,6 +35,11 @@ from ..policy import Policy
 __all__ = ["KVCompCache", "kvcomp_attention"]
 
 
+class BlindEvictionError(ValueError):
+    """An eviction policy that needs attention scores met an attention
+    implementation that computes none (transformers' eager or sdpa)."""
+
+
 class _Tagged:
     """What ``update`` hands the attention function beside K/V (as a tensor
     attribute, since transformers passes only tensors along)."""
@@ -78,14 +83,19 @@ class KVCompLayer(CacheLayerMixin):
         rows = list(range(b))
         decode_native = self.native and q == 1
         held = self.held_counts()
+        if self.cache.policy.eviction == "h2o" and not self.native and int(held.sum()):
+            raise BlindEvictionError(
+                f"policy {self.cache.policy.name!r} evicts by attention scores, which only the \"kvcomp\" "
+                "attention computes, and the model's attention did not: load it with "
+                "attn_implementation=\"kvcomp\" (after import kvcomp.integrations.hf), or call "
+                "model.set_attn_implementation(\"kvcomp\"); eager and sdpa would evict blind")
         prev = None if decode_native else self.dequantized()
         observe = self.cache.policy.observe
         if self.pending_evict and not (observe and q > 1):
             self.cache.evict(0, rows)
             self.pending_evict = False
-        # H2O evicts a prompt chunk only once its own attention is scored: in
-        # kvcomp_attention, or (other attention functions) before the next
-        # update. With Policy.observe, at the first decode step (whole prompt in).
+        # H2O evicts a prompt chunk only once its own attention is scored (in
+        # kvcomp_attention), with Policy.observe at the first decode step.
         self.pending_evict = self.pending_evict or (q > 1 and self.cache.policy.eviction == "h2o")
         self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2),
                           evict=not self.pending_evict)
