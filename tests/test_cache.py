@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from kvcomp import CacheFullError, PagedKVCache, Policy, ops, policies as P
-from helpers import assert_bounded, dtype_eps, examples, gen_from, heavy_tailed
+from helpers import assert_bounded, assert_gather_matches, dtype_eps, examples, gen_from, heavy_tailed
 import reference
 from reference import (U32, channel_error_bound, parse_format, ref_attention, ref_decode_pool,
                        token_error_bound)
@@ -426,8 +426,7 @@ def test_attend_gather_dequant_agrees_with_reference_decoder():
             bt = torch.tensor([t.blocks], dtype=torch.int32)
             K, V = ops.gather_dequant(pool, bt, torch.tensor([t.len], dtype=torch.int32), fmt, F32)
             RK, RV, _ = read_tier(c, b, 0, name)
-            assert torch.allclose(K[0].double(), RK, rtol=2 * U32, atol=0)
-            assert torch.allclose(V[0].double(), RV, rtol=2 * U32, atol=1e-30)
+            assert_gather_matches(K[0], V[0], RK, RV, fmt, f"row {b} {name}")
             parts.append((K[0].double(), V[0].double()))
         K = torch.cat([parts[0][0], parts[1][0]], 1)[None]
         V = torch.cat([parts[0][1], parts[1][1]], 1)[None]
