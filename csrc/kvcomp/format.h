@@ -10,8 +10,13 @@
 
 #if defined(__CUDACC__)
 #define KVC_HD __host__ __device__ __forceinline__
+#define KVC_HD_INLINE KVC_HD
+#define KVC_UNROLL _Pragma("unroll")
 #else
 #define KVC_HD inline
+// Inlined into kernels templated on the kind, so that the kind's constants fold.
+#define KVC_HD_INLINE inline __attribute__((always_inline))
+#define KVC_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 namespace kvcomp {
@@ -186,17 +191,27 @@ KVC_HD constexpr float nf_level(Kind k, uint32_t c) {
   const int half = 1 << (kind_bits(k) - 1);
   return (int)c >= half ? nf_magnitude(k, (int)c - half) : -nf_magnitude(k, half - 1 - (int)c);
 }
-// Code of the level nearest y (ties to the upper level): the number of
-// midpoints between neighbouring levels that lie at or below y, found by
-// binary search (the midpoints ascend).
+// Code of the level nearest y (ties to the upper level), and that level:
+// the number of midpoints between neighbouring levels that lie at or below y
+// (they ascend). A full unrolled scan, not a binary search: with k known at
+// the call site every midpoint and level folds to a constant and the scan is
+// branch-free selects (CPU loops vectorize; no local memory on the GPU).
 KVC_HD constexpr float nf_midpoint(Kind k, int i) {
   return 0.5f * (nf_level(k, (uint32_t)i) + nf_level(k, (uint32_t)i + 1));
 }
-KVC_HD uint32_t nf_code(Kind k, float y) {
-  int c = 0;
-  for (int step = 1 << (kind_bits(k) - 1); step > 0; step >>= 1)
-    if (y >= nf_midpoint(k, c + step - 1)) c += step;
-  return (uint32_t)c;
+KVC_HD_INLINE uint32_t nf_code_level(Kind k, float y, float& level) {
+  uint32_t c = 0;
+  float l = nf_level(k, 0);
+  KVC_UNROLL
+  for (int i = 0; i < 15; ++i) {
+    if (i < max_code(k) && y >= nf_midpoint(k, i)) c = (uint32_t)i + 1, l = nf_level(k, (uint32_t)i + 1);
+  }
+  level = l;
+  return c;
+}
+KVC_HD_INLINE uint32_t nf_code(Kind k, float y) {
+  float level;
+  return nf_code_level(k, y, level);
 }
 // An NF scale is the one of these multiples of the group's root mean square
 // whose codes leave the smallest squared error (docs/format.md: they span the
@@ -255,7 +270,7 @@ KVC_HD uint32_t int8_code(float x, QParams p) {
 }
 
 // Element code for a finite x. Codes are raw bytes/nibbles/crumbs as stored.
-KVC_HD uint32_t encode(Kind k, float x, QParams p) {
+KVC_HD_INLINE uint32_t encode(Kind k, float x, QParams p) {
   if (k == Kind::FP32) return f2u(x);
   if (is_raw(k)) return k == Kind::FP16 ? float_to_half(x) : float_to_bf16(x);
   if (k == Kind::INT8) return int8_code(x, p);
@@ -301,7 +316,7 @@ KVC_HD float octet_tree(float* s, int octets) {
 // NF scale of a group x[0..n) (n a multiple of 8, at most kMaxHeadDim):
 // rms = sqrt(sum(x^2) / n), then each candidate f * rms rounded up to a half
 // is scored by sum((x - scale * level(code))^2); the first smallest wins.
-KVC_HD QMeta nf_meta(Kind k, const float* x, int n) {
+KVC_HD_INLINE QMeta nf_meta(Kind k, const float* x, int n) {
   float s[kMaxHeadDim / 8];
   const int octets = n / 8;
   for (int o = 0; o < octets; ++o) {
@@ -319,7 +334,10 @@ KVC_HD QMeta nf_meta(Kind k, const float* x, int n) {
     for (int o = 0; o < octets; ++o) {
       float a = 0.0f;
       for (int e = 0; e < 8; ++e) {
-        const float xv = x[8 * o + e], d = fmaf(-sc, nf_level(k, nf_code(k, xv / sc)), xv);
+        float level;
+        const float xv = x[8 * o + e];
+        nf_code_level(k, xv / sc, level);
+        const float d = fmaf(-sc, level, xv);
         a = fmaf(d, d, a);
       }
       s[o] = a;
