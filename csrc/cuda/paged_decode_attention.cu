@@ -62,33 +62,21 @@ int part_bytes(const TileLayout& L, int n) {
 // Rotated sides (":h"): the query turns once before the kernel, the output
 // once after it (format.h rotate / unrotate), a team of lanes per row.
 constexpr int kRotThreads = 256;
-template <DType T>
+// Rows of D values read as In, rotated (Forward) or turned back, written as Out.
+template <DType In, DType Out, bool Forward>
 __global__ void __launch_bounds__(kRotThreads)
-    rotate_query_kernel(const void* __restrict__ q, float* __restrict__ q32, int64_t rows, int D, int team) {
+    rotate_rows_kernel(const void* __restrict__ src, void* __restrict__ dst, int64_t rows, int D, int team) {
   const int64_t row = ((int64_t)blockIdx.x * kRotThreads + threadIdx.x) >> (__ffs(team) - 1);
   const int lane = threadIdx.x & (team - 1), iters = D > 256 ? 2 : 1;
   float x[2][8] = {};
 #pragma unroll
   for (int it = 0; it < 2; ++it)
-    if (row < rows && it < iters) load8<T>(q, row * D + (lane + it * team) * 8, x[it]);
-  team_rotate(x, lane, team, iters, D);
+    if (row < rows && it < iters) load8<In>(src, row * D + (lane + it * team) * 8, x[it]);
+  if constexpr (Forward) team_rotate(x, lane, team, iters, D);
+  else team_unrotate(x, lane, team, iters, D);
 #pragma unroll
   for (int it = 0; it < 2; ++it)
-    if (row < rows && it < iters) store8<DType::F32>(q32, row * D + (lane + it * team) * 8, x[it]);
-}
-template <DType T>
-__global__ void __launch_bounds__(kRotThreads)
-    unrotate_out_kernel(const float* __restrict__ o32, void* __restrict__ out, int64_t rows, int D, int team) {
-  const int64_t row = ((int64_t)blockIdx.x * kRotThreads + threadIdx.x) >> (__ffs(team) - 1);
-  const int lane = threadIdx.x & (team - 1), iters = D > 256 ? 2 : 1;
-  float x[2][8] = {};
-#pragma unroll
-  for (int it = 0; it < 2; ++it)
-    if (row < rows && it < iters) load8<DType::F32>(o32, row * D + (lane + it * team) * 8, x[it]);
-  team_unrotate(x, lane, team, iters, D);
-#pragma unroll
-  for (int it = 0; it < 2; ++it)
-    if (row < rows && it < iters) store8<T>(out, row * D + (lane + it * team) * 8, x[it]);
+    if (row < rows && it < iters) store8<Out>(dst, row * D + (lane + it * team) * 8, x[it]);
 }
 
 struct Plan {
@@ -221,7 +209,8 @@ cudaError_t paged_decode_attention(const DecodeParams& p, void* workspace, cudaS
   const unsigned rot_grid = blocks_for(pl.rows * team, kRotThreads);
   if (ws.q32) {
     cudaError_t e = with_dtype(p.dtype, [&](auto tc) {
-      rotate_query_kernel<decltype(tc)::value><<<rot_grid, kRotThreads, 0, stream>>>(p.query, q32, pl.rows, D, team);
+      rotate_rows_kernel<decltype(tc)::value, DType::F32, true>
+          <<<rot_grid, kRotThreads, 0, stream>>>(p.query, q32, pl.rows, D, team);
       return cudaGetLastError();
     });
     if (e != cudaSuccess) return e;
@@ -240,7 +229,8 @@ cudaError_t paged_decode_attention(const DecodeParams& p, void* workspace, cudaS
         k.part_o, k.part_lse, pl.rows, k.splits, D, k.odtype, k.out, p.lse);
   if (ws.o32)
     return with_dtype(p.dtype, [&](auto tc) {
-      unrotate_out_kernel<decltype(tc)::value><<<rot_grid, kRotThreads, 0, stream>>>(o32, p.out, pl.rows, D, team);
+      rotate_rows_kernel<DType::F32, decltype(tc)::value, false>
+          <<<rot_grid, kRotThreads, 0, stream>>>(o32, p.out, pl.rows, D, team);
       return cudaGetLastError();
     });
   return cudaGetLastError();
