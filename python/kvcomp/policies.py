@@ -28,9 +28,9 @@ def int4(**kw) -> Policy:
     """4-bit, rotated: ``nf4:h`` (a randomized Hadamard rotation, then NF4's
     Lloyd-Max levels with one fp16 scale per 32 channels: 4.5 bits per
     element), the newest 64 tokens in full precision. Rotated NF4 measured
-    below plain int4 (5 bits, scale and zero) in error and perplexity on
-    every text tried (bench/results/); groups of 32 keep every head_dim that
-    int4 serves."""
+    below plain int4 (5 bits, scale and zero) in error and perplexity on the
+    three texts tried (README, "Accuracy at 2-4 bits"); groups of 32 keep
+    every head_dim that int4 serves."""
     return _make("int4", dict(cold_format="nf4:h", hot_window=64), kw)
 
 
@@ -44,7 +44,8 @@ def int3(**kw) -> Policy:
 def int2(**kw) -> Policy:
     """2-bit, rotated: ``nf2:g64:h`` (2.25 bits per element), the newest 128
     tokens in full precision: at 2 bits the recent window buys more per byte
-    than a third bit does (bench/results/). Needs head_dim a multiple of 64."""
+    than a third bit does (README, "Accuracy at 2-4 bits"). Needs head_dim
+    a multiple of 64."""
     return _make("int2", dict(cold_format="nf2:g64:h", hot_window=128), kw)
 
 

@@ -227,13 +227,13 @@ def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes) -> d
         refs = [c["answers"]["uncompressed"][mode] for c in needle["cases"]]
         acc = lambda sel: sum(a["correct"] for a in sel) / max(len(sel), 1)
         answerable = [a for a, r in zip(answers, refs) if r["correct"]]
-        ref_acc = acc(refs)
+        accuracy, ref_acc = acc([a for *_, a in answers]), acc(refs)
         by_mode[mode] = {
-            "accuracy": acc([a for *_, a in answers]),
+            "accuracy": accuracy,
             # of the prompts the uncompressed cache answers, the share this one answers too
             "kept": acc([a for *_, a in answerable]) if answerable else None,
             "answerable": len(answerable),
-            "accuracy_vs_uncompressed": acc([a for *_, a in answers]) / ref_acc if ref_acc else None,
+            "accuracy_vs_uncompressed": accuracy / ref_acc if ref_acc else None,
             "by_length": {str(L): acc([a for l, _, a in answers if l == L]) for L in lengths},
             "grid": [[acc([a for l, d, a in answers if l == L and d == D]) for D in depths] for L in lengths],
             "same_answers_as_uncompressed": sum(a["same_as_uncompressed"] for *_, a in answers) / max(len(answers), 1),
@@ -312,8 +312,13 @@ def _error(message: str) -> int:
     return 2
 
 
+def _items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated argument."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def _names(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = _items(text)
     known = lambda n: n in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
     bad = [n for n in names if not known(n)]
     if bad or not names:
@@ -334,7 +339,7 @@ def _peer_names(text: str) -> list[str]:
         return []
     if text == "all":
         return list(PEERS)
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = _items(text)
     bad = [n for n in names if n not in PEERS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown peer {', '.join(map(repr, bad))}: choose from "
@@ -343,7 +348,7 @@ def _peer_names(text: str) -> list[str]:
 
 
 def _modes(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = _items(text)
     if not names or any(n not in MODES for n in names):
         raise argparse.ArgumentTypeError(f"not a list of modes from {', '.join(MODES)}: {text!r}")
     return names
@@ -351,7 +356,7 @@ def _modes(text: str) -> list[str]:
 
 def _ints(text: str) -> list[int]:
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in _items(text)]
     except ValueError:
         values = []
     if not values or min(values) <= 0:
@@ -361,7 +366,7 @@ def _ints(text: str) -> list[int]:
 
 def _fractions(text: str) -> list[float]:
     try:
-        values = [float(s) for s in text.split(",") if s.strip()]
+        values = [float(s) for s in _items(text)]
     except ValueError:
         values = []
     if not values or not all(0.0 <= v <= 1.0 for v in values):

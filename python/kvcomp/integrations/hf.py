@@ -32,7 +32,7 @@ from .. import ops
 from ..cache import PagedKVCache
 from ..policy import Policy
 
-__all__ = ["KVCompCache", "kvcomp_attention"]
+__all__ = ["BlindEvictionError", "KVCompCache", "kvcomp_attention"]
 
 
 class BlindEvictionError(ValueError):
