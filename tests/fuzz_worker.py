@@ -24,18 +24,15 @@ from __future__ import annotations
 import ast
 import math
 import os
-import pickle
 import re
-import resource
-import struct
 import sys
-import traceback
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import fuzz_pipe  # noqa: E402
 import kvcomp  # noqa: E402
 from helpers import build_cache, dtype_eps, gen_from, heavy_tailed  # noqa: E402
 from reference import (U32, channel_error_bound, parse_format, ref_attention, ref_compact_positions,  # noqa: E402
@@ -1275,37 +1272,9 @@ def run_case(case: dict) -> dict:
     return {"outcome": "ok", "expect": expect, "error": None}
 
 
-def _read(stream):
-    head = stream.read(4)
-    if len(head) < 4:
-        return None
-    (n,) = struct.unpack("<I", head)
-    return pickle.loads(stream.read(n))
-
-
-def _write(stream, obj):
-    data = pickle.dumps(obj)
-    stream.write(struct.pack("<I", len(data)) + data)
-    stream.flush()
-
-
 def serve():
     """Loop: read a case, answer with run_case's dict or {"fail": traceback}."""
-    resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT, MEM_LIMIT))
-    torch.set_num_threads(2)  # several threads: parallel_for paths, exceptions from workers
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints from C++ or Python must not corrupt the protocol
-    inp = sys.stdin.buffer
-    _write(out, {"ready": True})
-    while True:
-        case = _read(inp)
-        if case is None:
-            return
-        try:
-            reply = run_case(case)
-        except Exception:  # a failed check, or an exception type torch's checks never raise
-            reply = {"fail": traceback.format_exc(limit=6)}
-        _write(out, reply)
+    fuzz_pipe.serve(run_case, MEM_LIMIT, threads=2)  # several threads: parallel_for paths, exceptions from workers
 
 
 if __name__ == "__main__":

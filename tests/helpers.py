@@ -1,6 +1,6 @@
 """Shared test helpers: format lists, random data, paged-cache builders,
-hypothesis strategies, tolerance checks. Fixtures wrapping these live in
-conftest.py."""
+hypothesis strategies, tolerance checks, equality of two PagedKVCaches (.kvc
+round trips). Fixtures wrapping these live in conftest.py."""
 from __future__ import annotations
 
 import math
@@ -229,3 +229,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def dtype_eps(dtype: torch.dtype) -> float:
     """Unit roundoff (half an ulp at 1) of an activation dtype."""
     return {torch.float32: U32, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+
+
+# ------------------------------------------------------------ .kvc files
+def used_bytes(c: kvcomp.PagedKVCache, s, layer: int, name: str) -> torch.Tensor:
+    t = getattr(c._seqs[s][layer], name)
+    pool = (c.hot_pools if name == "hot" else c.cold_pools)[layer]
+    return pool[torch.tensor(t.blocks, dtype=torch.long, device=pool.device)].cpu()
+
+
+def assert_same(a: kvcomp.PagedKVCache, b: kvcomp.PagedKVCache):
+    """Same sequences, tier states, stats and bytes of the blocks in use."""
+    assert (a.policy, a.max_tokens, a.max_seqs, a.dtype, a.hot_format, a.cold_format) == \
+        (b.policy, b.max_tokens, b.max_seqs, b.dtype, b.hot_format, b.cold_format)
+    assert a.sequences == b.sequences
+    assert a.stats() == b.stats()
+    for s in a.sequences:
+        for l in range(a.num_layers):
+            sa, sb = a._seqs[s][l], b._seqs[s][l]
+            assert sa.seen == sb.seen
+            for name in ("hot", "cold"):
+                ta, tb = getattr(sa, name), getattr(sb, name)
+                assert torch.equal(ta.pos, tb.pos), f"seq {s!r} layer {l} {name}: positions differ"
+                assert (ta.scores is None) == (tb.scores is None)
+                if ta.scores is not None:
+                    assert torch.equal(ta.scores.cpu(), tb.scores.cpu()), f"seq {s!r} {name}: scores differ"
+                assert torch.equal(used_bytes(a, s, l, name), used_bytes(b, s, l, name)), \
+                    f"seq {s!r} layer {l} {name}: pool bytes differ"

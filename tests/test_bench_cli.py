@@ -227,12 +227,27 @@ def test_argparse_errors_exit_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_files_json(tmp_path):
+    pytest.importorskip("cryptography")
+    out = tmp_path / "f.json"
+    argv = ["files", "--policies", "int4,kivi2", "--tokens", "300", "--layers", "1", "--kv-heads", "2",
+            "--head-dim", "64", "--repeats", "1", "--plain", "--json", str(out)]
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [(r["policy"], r["mode"]) for r in data["rows"]] == \
+        [(p, m) for p in ("int4", "kivi2") for m in ("plain", "signed", "encrypted")]
+    for r in data["rows"]:
+        _positive_finite(r, ["file_mib", "save_s", "load_s", "read_s", "verify_s", "validate_s", "build_s"])
+        assert 0 < r["validate_pct"] < 100
+
+
 @pytest.mark.parametrize("argv, message", [
     (["memory", "--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["memory", "--model", "llama-3-8b", "--formats", "int9"], "bad format 'int9'"),
     (["ops", "--device", "cpu", "--formats", "int8,int9"], "bad format 'int9'"),
     (["ops", "--device", "cpu", "--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
     (["ops", "--device", "cpu", "--quick", "--sweep"], "exclude each other"),
+    (["files", "--policies", "int4,int9"], "unknown policies ['int9']"),
 ])
 def test_bad_values_return_2(argv, message, capsys):
     assert cli.main(argv) == 2

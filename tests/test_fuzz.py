@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
-import select
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import fuzz_worker
+from fuzz_pipe import Worker, WorkerDied, fuzz_settings, print_summary, run_rounds
 from helpers import ACT_DTYPES, ALL_FORMATS, HOT_FORMATS, TOKEN_FORMATS, head_dims_for
 
 EXAMPLES = int(os.environ.get("KVCOMP_FUZZ_EXAMPLES", "40"))
@@ -46,68 +43,9 @@ DTYPE_NAMES = [str(d).split(".")[1] for d in ACT_DTYPES]
 
 
 # ------------------------------------------------------------------ worker
-class WorkerDied(Exception):
-    pass
-
-
-class Worker:
-    """tests/fuzz_worker.py as a subprocess, fed cases over a pipe."""
-
-    def __init__(self):
-        self.proc = None
-        self.starts = 0
-
-    def start(self):
-        self.stderr = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.proc = subprocess.Popen([sys.executable, fuzz_worker.__file__], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
-        self.starts += 1
-        self._read(120)  # the ready message (importing torch takes a while)
-
-    def stop(self):
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def _stderr_tail(self):
-        self.stderr.seek(0)
-        return self.stderr.read()[-3000:].decode(errors="replace")
-
-    def _read(self, timeout):
-        out = self.proc.stdout
-        deadline = time.monotonic() + timeout
-        data = b""
-        need = 4
-        while len(data) < need:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([out], [], [], left)[0]:
-                self.stop()
-                raise WorkerDied(f"no answer within {timeout:.0f} s (hang)")
-            chunk = os.read(out.fileno(), need - len(data))
-            if not chunk:
-                code = self.proc.wait()
-                tail = self._stderr_tail()
-                self.proc = None
-                raise WorkerDied(f"worker died with exit code {code} (signal {-code} if < 0)\n{tail}")
-            data += chunk
-            if len(data) == 4 and need == 4:
-                need = 4 + struct.unpack("<I", data)[0]
-        return pickle.loads(data[4:])
-
-    def run(self, case):
-        if self.proc is None:
-            self.start()
-        data = pickle.dumps(case)
-        self.proc.stdin.write(struct.pack("<I", len(data)) + data)
-        self.proc.stdin.flush()
-        return self._read(TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def worker():
-    w = Worker()
+    w = Worker(fuzz_worker.__file__, TIMEOUT)
     yield w
     w.stop()
 
@@ -127,13 +65,7 @@ def _summary(request):
         s = STATS[op]
         detail = ", ".join(f"{k} {v}" for k, v in sorted(s.items()))
         lines.append(f"  {op:24s} {sum(s.values()):6d}  ({detail})")
-    text = "\n".join(lines)
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # shown even when pytest captures output
-        print("\n" + text)
-    if os.environ.get("KVCOMP_FUZZ_REPORT"):
-        with open(os.environ["KVCOMP_FUZZ_REPORT"], "a") as f:
-            f.write(text + "\n")
+    print_summary(request, "\n".join(lines))
 
 
 # ------------------------------------------------------------------ cases
@@ -211,21 +143,12 @@ def run_example(worker, case):
 @pytest.mark.parametrize("op", OPS)
 def test_fuzz(op, worker):
     """Reproduce a failure outside pytest: python tests/fuzz_worker.py "<case>"."""
-    common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
-    if SECONDS:
-        config = settings(max_examples=100, derandomize=False, **common)
-    else:
-        config = settings(max_examples=EXAMPLES, derandomize=True, database=None, **common)
-
-    @config
+    @fuzz_settings(SECONDS / len(OPS), EXAMPLES)
     @given(case=cases(op))
     def fuzz(case):
         run_example(worker, case)
 
-    fuzz()
-    deadline = time.monotonic() + SECONDS / len(OPS)
-    while SECONDS and time.monotonic() < deadline:
-        fuzz()
+    run_rounds(fuzz, SECONDS / len(OPS))
 
 
 # ------------------------------------------------------- regressions found

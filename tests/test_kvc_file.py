@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 import kvcomp
 from kvcomp import KVCFileError, PagedKVCache, Policy, kvc_file, policies as P
-from helpers import examples, gen_from, heavy_tailed
+from helpers import assert_same, examples, gen_from, heavy_tailed
 
 H, D, HQ = 2, 64, 4
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -68,32 +68,6 @@ class Twins:
         self.c.save(path)
         self.caches.append(PagedKVCache.load(path))
         return self.caches[-1]
-
-
-def used_bytes(c: PagedKVCache, s, layer: int, name: str) -> torch.Tensor:
-    t = getattr(c._seqs[s][layer], name)
-    pool = (c.hot_pools if name == "hot" else c.cold_pools)[layer]
-    return pool[torch.tensor(t.blocks, dtype=torch.long, device=pool.device)].cpu()
-
-
-def assert_same(a: PagedKVCache, b: PagedKVCache):
-    """Same sequences, tier states, stats and bytes of the blocks in use."""
-    assert (a.policy, a.max_tokens, a.max_seqs, a.dtype, a.hot_format, a.cold_format) == \
-        (b.policy, b.max_tokens, b.max_seqs, b.dtype, b.hot_format, b.cold_format)
-    assert a.sequences == b.sequences
-    assert a.stats() == b.stats()
-    for s in a.sequences:
-        for l in range(a.num_layers):
-            sa, sb = a._seqs[s][l], b._seqs[s][l]
-            assert sa.seen == sb.seen
-            for name in ("hot", "cold"):
-                ta, tb = getattr(sa, name), getattr(sb, name)
-                assert torch.equal(ta.pos, tb.pos), f"seq {s!r} layer {l} {name}: positions differ"
-                assert (ta.scores is None) == (tb.scores is None)
-                if ta.scores is not None:
-                    assert torch.equal(ta.scores.cpu(), tb.scores.cpu()), f"seq {s!r} {name}: scores differ"
-                assert torch.equal(used_bytes(a, s, l, name), used_bytes(b, s, l, name)), \
-                    f"seq {s!r} layer {l} {name}: pool bytes differ"
 
 
 # ============================================================ round trips
@@ -244,9 +218,9 @@ def test_header_is_self_describing(tmp_path):
     c.save(tmp_path / "c.kvc")
     raw = (tmp_path / "c.kvc").read_bytes()
     magic, version, n = struct.unpack_from("<8sIQ", raw)
-    assert magic == kvc_file.MAGIC and version == 1
+    assert magic == kvc_file.MAGIC and version == 2
     header = json.loads(raw[20:20 + n])
-    assert header["format"] == "kvcomp.kvc" and header["format_version"] == 1
+    assert header["format"] == "kvcomp.kvc" and header["format_version"] == 2 and header["integrity"] == "sha256"
     assert header["kvcomp_version"] == kvcomp.__version__ and header["layout_version"] == kvcomp.LAYOUT_VERSION
     e = header["cache"]
     assert e["geometry"] == {"num_layers": 2, "num_kv_heads": H, "head_dim": D, "dtype": "bfloat16"}
@@ -268,7 +242,7 @@ def _saved(tmp_path, name="c.kvc") -> bytes:
     return (tmp_path / name).read_bytes()
 
 
-def _reframe(raw: bytes, version: int = 1, edit=None) -> bytes:
+def _reframe(raw: bytes, version: int = 2, edit=None) -> bytes:
     """A file with a new format version and/or edited header, checksum redone."""
     _, _, n = struct.unpack_from("<8sIQ", raw)
     header = json.loads(raw[20:20 + n])
@@ -330,8 +304,8 @@ def test_corrupted(tmp_path):
 
 def test_wrong_versions_and_kind(tmp_path):
     raw = _saved(tmp_path)
-    (tmp_path / "v2.kvc").write_bytes(_reframe(raw, version=2))
-    assert "format version 2 is not supported" in _load_error(tmp_path / "v2.kvc")
+    (tmp_path / "v3.kvc").write_bytes(_reframe(raw, version=3))
+    assert "format version 3 is not supported" in _load_error(tmp_path / "v3.kvc")
     (tmp_path / "layout.kvc").write_bytes(_reframe(raw, edit=lambda h: h.update(layout_version=99)))
     assert "layout version 99" in _load_error(tmp_path / "layout.kvc")
     (tmp_path / "kind.kvc").write_bytes(_reframe(raw, edit=lambda h: h.update(kind="hf.KVCompCache")))
@@ -346,7 +320,7 @@ def test_wrong_versions_and_kind(tmp_path):
                                                 ["cold"].update(blocks=[0, 0])))
     assert "exactly once" in _load_error(tmp_path / "blk.kvc")
     (tmp_path / "pol.kvc").write_bytes(_reframe(raw, edit=lambda h: h["cache"]["policy"].update(wipe="never")))
-    assert "inconsistent" in _load_error(tmp_path / "pol.kvc")
+    assert "policy: wipe" in _load_error(tmp_path / "pol.kvc")
 
 
 def test_expected_geometry(tmp_path):

@@ -187,6 +187,19 @@ KVC_HD constexpr float nf_magnitude(Kind k, int i) {
   return i == 0 ? 0.128395f : i == 1 ? 0.388048f : i == 2 ? 0.656759f : i == 3 ? 0.942340f
        : i == 4 ? 1.256231f : i == 5 ? 1.618046f : i == 6 ? 2.069017f : 2.732590f;
 }
+// The values codes of a quantized kind decode to per unit of scale, before
+// the zero is added: [code_value_min, code_value_max]. With a group's scale
+// and zero they bound its decoded values from the metadata alone (what .kvc
+// validation checks without decoding a file's codes).
+KVC_HD constexpr float code_value_max(Kind k) {
+  return k == Kind::FP8_E4M3 ? 448.0f : k == Kind::FP8_E5M2 ? 57344.0f : k == Kind::INT8 ? 127.0f
+       : is_nf(k) ? nf_magnitude(k, (1 << (kind_bits(k) - 1)) - 1)
+       : is_int_sym(k) ? (float)((1 << (kind_bits(k) - 1)) - 1) : (float)max_code(k);
+}
+KVC_HD constexpr float code_value_min(Kind k) {
+  return is_absmax(k) || is_nf(k) ? -code_value_max(k)
+       : is_int_sym(k) ? -(float)(1 << (kind_bits(k) - 1)) : 0.0f;
+}
 KVC_HD constexpr float nf_level(Kind k, uint32_t c) {
   const int half = 1 << (kind_bits(k) - 1);
   return (int)c >= half ? nf_magnitude(k, (int)c - half) : -nf_magnitude(k, half - 1 - (int)c);

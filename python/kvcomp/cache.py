@@ -100,6 +100,28 @@ class _Layer:
         self.cold = _Tier(heads, scores_device)
 
 
+def tier_capacity(policy: Policy) -> dict:
+    """Most tokens one sequence's tier holds in one layer (None: as many as
+    the pool has): a tiered policy's hot tier holds ``hot_window`` rounded up
+    to blocks, plus one block; the streaming ring ``sinks + window -
+    hot_window``; a policy without a cold tier (or hot tier) holds none there."""
+    p, bs = policy, policy.block_size
+    if p.hot_window is None:
+        return {"hot": None, "cold": 0}
+    ring = p.sinks + p.window - p.hot_window if p.eviction == "streaming" else None
+    return {"hot": 0 if p._direct() else (-(-p.hot_window // bs) + 1) * bs, "cold": ring}
+
+
+def pool_blocks(policy: Policy, max_tokens: int, max_seqs: int) -> dict:
+    """Blocks per layer of the hot and cold pools: ``max_tokens`` sizes the
+    cold pool (the hot pool without a cold tier), ``max_seqs`` hot tiers the
+    hot pool of a tiered policy."""
+    per_tokens, hot_cap = -(-max_tokens // policy.block_size), tier_capacity(policy)["hot"]
+    if hot_cap is None:
+        return {"hot": per_tokens, "cold": 0}
+    return {"hot": max_seqs * hot_cap // policy.block_size, "cold": per_tokens}
+
+
 class PagedKVCache:
     """The KV cache of many sequences, stored per ``policy`` (CONTRACT.md §4).
 
@@ -136,13 +158,12 @@ class PagedKVCache:
         self._direct = p._direct()
         self._has_hot = not self._direct
         self._has_cold = p.hot_window is not None
-        self._hot_cap = (-(-p.hot_window // bs) + 1) * bs if self._has_cold else None
-        hot_blocks = -(-max_tokens // bs) if not self._has_cold else (0 if self._direct else
-                                                                       max_seqs * self._hot_cap // bs)
-        cold_blocks = -(-max_tokens // bs) if self._has_cold else 0
+        caps = tier_capacity(p)
+        self._hot_cap, self._ring_cap = (caps["hot"], caps["cold"]) if self._has_cold else (None, None)
+        blocks = pool_blocks(p, max_tokens, max_seqs)
         make = lambda n, fmt: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device)
-        self.hot_pools = [make(hot_blocks, self.hot_format) for _ in range(num_layers)]
-        self.cold_pools = [make(cold_blocks, self.cold_format) for _ in range(num_layers)]
+        self.hot_pools = [make(blocks["hot"], self.hot_format) for _ in range(num_layers)]
+        self.cold_pools = [make(blocks["cold"], self.cold_format) for _ in range(num_layers)]
         self._hot_alloc = [_Allocator(t, p.wipe) for t in self.hot_pools]
         self._cold_alloc = [_Allocator(t, p.wipe) for t in self.cold_pools]
         self._scores_device = self.device if p.eviction == "h2o" else None
@@ -270,11 +291,6 @@ class PagedKVCache:
                                   ("cold", cold_need, self._cold_alloc[layer])):
             if need > len(alloc.free_ids):
                 raise CacheFullError(tier, need * bs, len(alloc.free_ids) * bs)
-
-    @property
-    def _ring_cap(self) -> int:
-        p = self.policy
-        return p.sinks + p.window - p.hot_window
 
     def _slots(self, blocks: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Pool slots of tier slots (int64)."""
@@ -561,23 +577,37 @@ class PagedKVCache:
         }
 
     # ----------------------------------------------------------- save/load
-    def save(self, path, seq_ids: Optional[Sequence] = None) -> None:
+    def save(self, path, seq_ids: Optional[Sequence] = None, *, key: Optional[bytes] = None,
+             encrypt_key: Optional[bytes] = None) -> None:
         """Writes the cache, or only ``seq_ids`` (str or int ids), to a ``.kvc``
-        file: the blocks in use as they are, atomically (docs/format.md)."""
+        file: the blocks in use as they are, atomically (docs/format.md).
+        ``key`` (bytes, at least 16) signs the file with an HMAC-SHA256, so a
+        change by anyone without the key is rejected on load; ``encrypt_key``
+        (32 bytes) encrypts the blocks, positions, scores and layout with
+        AES-256-GCM (needs the ``cryptography`` package)."""
         from .kvc_file import save_cache
-        save_cache(self, path, seq_ids)
+        save_cache(self, path, seq_ids, key=key, encrypt_key=encrypt_key)
 
     @classmethod
     def load(cls, path, device: "torch.device | str" = "cpu", *, num_layers: Optional[int] = None,
              num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-             dtype: Optional[torch.dtype] = None) -> "PagedKVCache":
-        """A new cache on ``device`` from a ``.kvc`` file. Raises
-        :class:`kvcomp.KVCFileError` for a file that is not one, is truncated
-        or corrupted, has another format version, or (when given) another
-        ``num_layers``/``num_kv_heads``/``head_dim``/``dtype``."""
+             dtype: Optional[torch.dtype] = None, max_tokens: Optional[int] = None,
+             key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> "PagedKVCache":
+        """A new cache on ``device`` from a ``.kvc`` file, once every field and
+        value in it validated (docs/format.md, "Validation on load").
+        Raises :class:`kvcomp.KVCFileError` for a file that is not one, is
+        truncated, corrupted or of another format version, holds anything the
+        cache itself would never store, has (when given) another
+        ``num_layers``/``num_kv_heads``/``head_dim``/``dtype``, or would make
+        the pools hold more than ``max_tokens`` token slots per layer (default
+        65536) beyond its stored blocks. A file saved with ``key`` or
+        ``encrypt_key`` loads only with the same; with ``key`` an unsigned
+        file is rejected, with ``encrypt_key`` an unencrypted one. The
+        timings of the load are in the new cache's ``load_report``."""
         from .kvc_file import load_cache
         return load_cache(path, device, dict(num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                             head_dim=head_dim, dtype=dtype))
+                                             head_dim=head_dim, dtype=dtype),
+                          max_tokens=max_tokens, key=key, encrypt_key=encrypt_key)
 
     # ------------------------------------------------------------- helpers
     def _known(self, seq_id):

@@ -19,14 +19,19 @@ from . import _C
 @dataclass(frozen=True)
 class SideFormat:
     """One side (K or V) of a format: its canonical spec, bits per code, group
-    size (0: one scale per token row), scale scope, and whether each token is
-    rotated (``:h``) before quantization."""
+    size (0: one scale per token row), scale scope, whether each token is
+    rotated (``:h``) before quantization, fp16 words of metadata per group
+    (scale, and zero where there is one; 0 for raw kinds) and the range
+    ``(lo, hi)`` codes decode to per unit of scale before the zero (empty for
+    raw kinds)."""
 
     spec: str
     bits: int
     group: int
     per_channel: bool
     rotated: bool
+    meta_halves: int
+    code_range: tuple
 
 
 @dataclass(frozen=True)

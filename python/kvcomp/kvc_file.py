@@ -1,22 +1,30 @@
 """The ``.kvc`` file: a cache saved to one self-describing file (docs/format.md,
 "The .kvc file"):
 
-    magic | format version | header length | header (JSON) | payload length | payload (safetensors) | SHA-256
+    magic | format version | header length | header (JSON) | payload length | payload | trailer
 
-The payload holds only the blocks in use, as they are (compressed bytes, never
-dequantized), and the positions and heavy-hitter scores; the header says whose
-blocks they are. Loading builds a fresh cache (new pools, the blocks copied in
-and renumbered) and hands it out only once everything checked out.
+The payload (safetensors) holds only the blocks in use, as they are
+(compressed bytes, never dequantized), and the positions and heavy-hitter
+scores; the header says whose blocks they are. The trailer is the SHA-256 of
+every byte before it, or with ``key=`` their HMAC-SHA256. With
+``encrypt_key=`` the payload is AES-256-GCM ciphertext of the header's body
+and the tensors, and the header says only what the file is.
+
+Loading checks the framing and trailer, decrypts, validates every field and
+value (:mod:`kvcomp.kvc_validate`), and only then builds a fresh cache (new
+pools, the blocks copied in and renumbered).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import secrets
 import struct
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -24,39 +32,83 @@ from safetensors.torch import load as _st_load, save as _st_save
 
 from . import _C
 from .cache import PagedKVCache, _Layer
-from .policy import Policy
+from .kvc_validate import Invalid, Plan, check_cache
 
 FORMAT = "kvcomp.kvc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # version 1: the same framing, always SHA-256, never encrypted
 # PNG-style: a non-ASCII first byte, and CR LF / ^Z / LF expose text-mode copies.
 MAGIC = b"\x89KVC\r\n\x1a\n"
 _PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
-_LENGTH = struct.Struct("<Q")     # payload length
-_DIGEST = 32                      # SHA-256 of every byte before it
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_LENGTH = struct.Struct("<Q")     # payload length (and, encrypted, the body's length)
+_DIGEST = 32                      # SHA-256 or HMAC-SHA256 of every byte before it
+CIPHER = "AES-256-GCM"
+_NONCE = 12                       # bytes; fresh and random per file
+MIN_KEY = 16                      # bytes of an HMAC key
 LOADERS = {"PagedKVCache": "kvcomp.PagedKVCache.load",
            "hf.KVCompCache": "kvcomp.integrations.hf.KVCompCache.load"}
 
 
 class KVCFileError(ValueError):
     """A file that cannot be loaded as a ``.kvc`` cache: not a .kvc file,
-    truncated, corrupted, another format version, or another geometry than
-    the one asked for."""
+    truncated, corrupted, another format version, another geometry than the
+    one asked for, a field or value that does not validate, or a signature or
+    encryption that does not match the keys given."""
+
+
+def _key_arg(key, name: str, sizes: str):
+    """bytes of a key argument (None stays None); TypeError/ValueError naming it."""
+    if key is None:
+        return None
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes (e.g. secrets.token_bytes(32)), got {type(key).__name__}")
+    key = bytes(key)
+    if (len(key) != 32) if sizes == "exactly 32" else (len(key) < MIN_KEY):
+        raise ValueError(f"{name} must be {sizes} bytes, got {len(key)}")
+    return key
+
+
+def _keys(key, encrypt_key) -> tuple:
+    return (_key_arg(key, "key", f"at least {MIN_KEY}"), _key_arg(encrypt_key, "encrypt_key", "exactly 32"))
+
+
+def _aesgcm(key: bytes):
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise ImportError("encrypt_key= needs the cryptography package: pip install 'kvcomp[crypto]'") from None
+    return AESGCM(key)
+
+
+def _trailer(parts, key: Optional[bytes]) -> bytes:
+    digest = hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
 
 
 # ------------------------------------------------------------------ framing
-def write(path, kind: str, body: dict, tensors: dict) -> None:
-    """Writes a .kvc file holding a ``kind`` (header ``body``, ``tensors``)."""
+def write(path, kind: str, body: dict, tensors: dict, key=None, encrypt_key=None) -> None:
+    """Writes a .kvc file holding a ``kind`` (header ``body``, ``tensors``),
+    signed with ``key`` and/or encrypted with ``encrypt_key`` when given."""
     from . import __version__
+    key, encrypt_key = _keys(key, encrypt_key)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kvcomp_version": __version__,
-              "layout_version": int(_C.LAYOUT_VERSION), "kind": kind, **body}
-    head = json.dumps(header, separators=(",", ":")).encode()
+              "layout_version": int(_C.LAYOUT_VERSION), "kind": kind,
+              "integrity": "hmac-sha256" if key is not None else "sha256"}
     payload = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, _LENGTH.pack(len(payload)), payload]
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
-    _atomic_write(path, parts + [digest.digest()])
+    if encrypt_key is None:
+        header.update(body)
+    else:
+        nonce = secrets.token_bytes(_NONCE)
+        header["encryption"] = {"cipher": CIPHER, "nonce": nonce.hex()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head))
+    if encrypt_key is not None:  # the clear header is authenticated data: it cannot be changed either
+        inner = json.dumps(body, separators=(",", ":")).encode()
+        payload = _aesgcm(encrypt_key).encrypt(nonce, _LENGTH.pack(len(inner)) + inner + payload, prefix + head)
+    parts = [prefix, head, _LENGTH.pack(len(payload)), payload]
+    _atomic_write(path, parts + [_trailer(parts, key)])
 
 
 def _atomic_write(path, parts: list) -> None:
@@ -85,13 +137,18 @@ def _atomic_write(path, parts: list) -> None:
             os.close(dfd)
 
 
-def read(path, kind: str) -> tuple[dict, dict]:
-    """Header and tensors of a .kvc file holding a ``kind``; KVCFileError for
-    anything else. The whole file is checked before its contents are used."""
+def read(path, kind: str, key=None, encrypt_key=None, report: Optional[dict] = None) -> tuple[dict, dict]:
+    """Header (with its body, decrypted) and tensors of a .kvc file holding a
+    ``kind``; KVCFileError for anything else. The whole file is checked
+    (trailer, signature, decryption) before its contents are used. Seconds
+    spent reading and checking go to ``report``."""
+    key, encrypt_key = _keys(key, encrypt_key)
     where = os.fspath(path)
     bad = lambda msg: KVCFileError(f"{where}: {msg}")
+    t0 = time.perf_counter()
     with open(path, "rb") as f:
         data = f.read()
+    t1 = time.perf_counter()
     if not data:
         raise bad("the file is empty, not a .kvc file")
     if data[:len(MAGIC)] != MAGIC:
@@ -103,45 +160,103 @@ def read(path, kind: str) -> tuple[dict, dict]:
     if len(data) < _PREFIX.size:
         raise bad(f"truncated: {len(data)} bytes, less than the {_PREFIX.size}-byte prefix")
     _, version, head_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise bad(f"format version {version} is not supported: this kvcomp reads version {FORMAT_VERSION}")
+    if version not in READS:
+        raise bad(f"format version {version} is not supported: this kvcomp reads versions {READS}")
     at = _PREFIX.size + head_len + _LENGTH.size  # the payload's offset
     size = at + _LENGTH.unpack_from(data, at - _LENGTH.size)[0] + _DIGEST if len(data) >= at else None
     view = memoryview(data)
-    if hashlib.sha256(view[:-_DIGEST]).digest() != data[-_DIGEST:]:
+    claimed = _claimed_integrity(view, head_len)
+    if key is not None:
+        if not hmac.compare_digest(_trailer([view[:-_DIGEST]], key), data[-_DIGEST:]):
+            if claimed == "sha256" and _trailer([view[:-_DIGEST]], None) == data[-_DIGEST:]:
+                raise bad("not signed (saved without key=): a signed file was asked for, so it is rejected")
+            raise bad("the HMAC-SHA256 does not match: the file was changed or truncated, or signed with "
+                      "another key")
+    elif claimed == "hmac-sha256":
+        raise bad("signed with a key (HMAC-SHA256): load it with key=")
+    elif hashlib.sha256(view[:-_DIGEST]).digest() != data[-_DIGEST:]:
         if size is None or len(data) < size:
             raise bad(f"truncated: {len(data)} bytes, its section lengths say {size or 'more'}")
         raise bad("corrupted: the SHA-256 of its contents differs from the one stored")
     if size != len(data):
         raise bad(f"corrupted: its section lengths add up to {size} bytes, the file has {len(data)}")
-    try:
-        header = json.loads(view[_PREFIX.size:_PREFIX.size + head_len].tobytes())
-    except ValueError:  # also UnicodeDecodeError
-        raise bad("corrupted: the header is not JSON") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    header = _json(view[_PREFIX.size:_PREFIX.size + head_len], bad, "header")
+    if header.get("format") != FORMAT:
         raise bad(f"the header does not name the format {FORMAT!r}")
+    if header.get("integrity", "sha256") != ("hmac-sha256" if key is not None else "sha256") or \
+            (version == 1 and ("integrity" in header or "encryption" in header)):
+        raise bad(f"its header says integrity {header.get('integrity')!r}, which its trailer is not")
     if header.get("layout_version") != _C.LAYOUT_VERSION:
         raise bad(f"its blocks use pool layout version {header.get('layout_version')!r}, "
                   f"this kvcomp reads version {_C.LAYOUT_VERSION}")
     if header.get("kind") != kind:
-        hint = LOADERS.get(header.get("kind"))
+        hint = LOADERS.get(header["kind"]) if isinstance(header.get("kind"), str) else None
         raise bad(f"it holds a {header.get('kind')!r}, not a {kind!r}" + (f" (load it with {hint})" if hint else ""))
+    payload = view[at:size - _DIGEST]
+    if "encryption" in header:
+        header, payload = _decrypt(header, payload, view[:_PREFIX.size + head_len], encrypt_key, bad)
+    elif encrypt_key is not None:
+        raise bad("not encrypted: an encrypted file was asked for (encrypt_key=), so it is rejected")
     try:
-        tensors = _st_load(view[at:size - _DIGEST].tobytes())
+        tensors = _st_load(payload.tobytes())
     except Exception as e:  # safetensors raises its own error types
         raise bad(f"corrupted: the payload is not safetensors ({e})") from None
+    if report is not None:
+        report.update(bytes=len(data), read_s=t1 - t0, verify_s=time.perf_counter() - t1)
     return header, tensors
+
+
+def _claimed_integrity(view: memoryview, head_len: int):
+    """What the (not yet verified) header says the trailer is; None if unreadable."""
+    try:
+        return json.loads(view[_PREFIX.size:_PREFIX.size + head_len].tobytes()).get("integrity", "sha256")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _json(view: memoryview, bad, what: str) -> dict:
+    try:
+        out = json.loads(view.tobytes())
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: nested too deep
+        raise bad(f"corrupted: the {what} is not JSON (or nested too deep)") from None
+    if not isinstance(out, dict):
+        raise bad(f"corrupted: the {what} is not a JSON object")
+    return out
+
+
+def _decrypt(header: dict, payload: memoryview, aad: memoryview, encrypt_key, bad) -> tuple[dict, memoryview]:
+    """The header with its decrypted body, and the decrypted tensors' bytes."""
+    enc = header["encryption"]
+    if not isinstance(enc, dict) or enc.get("cipher") != CIPHER or not isinstance(enc.get("nonce"), str) \
+            or len(enc["nonce"]) != 2 * _NONCE:
+        raise bad(f"its header's encryption {enc!r} is not {CIPHER} with a {_NONCE}-byte nonce")
+    if encrypt_key is None:
+        raise bad(f"encrypted ({CIPHER}): load it with encrypt_key=")
+    from cryptography.exceptions import InvalidTag
+    try:
+        plain = memoryview(_aesgcm(encrypt_key).decrypt(bytes.fromhex(enc["nonce"]), payload.tobytes(),
+                                                        aad.tobytes()))
+    except (InvalidTag, ValueError):
+        raise bad("cannot decrypt it: encrypt_key is not the key it was encrypted with, or the file was "
+                  "changed") from None
+    n = _LENGTH.unpack_from(plain)[0] if len(plain) >= _LENGTH.size else len(plain)
+    if _LENGTH.size + n > len(plain):
+        raise bad("corrupted: the encrypted body's length exceeds the payload")
+    body = _json(plain[_LENGTH.size:_LENGTH.size + n], bad, "encrypted header")
+    if set(body) & set(header):
+        raise bad(f"the encrypted header repeats clear header keys {sorted(set(body) & set(header))}")
+    return {**header, **body}, plain[_LENGTH.size + n:]
 
 
 @contextlib.contextmanager
 def malformed(path):
-    """Turns what a header or tensors of the wrong shape raise into KVCFileError."""
+    """Turns a validation failure into KVCFileError naming the file."""
     try:
         yield
     except KVCFileError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise KVCFileError(f"{os.fspath(path)}: inconsistent header or tensors ({type(e).__name__}: {e})") from None
+    except Invalid as e:
+        raise KVCFileError(f"{os.fspath(path)}: {e}") from None
 
 
 # ------------------------------------------------------------- PagedKVCache
@@ -188,77 +303,81 @@ def cache_entry(cache: PagedKVCache, seq_ids: Optional[Sequence] = None, prefix:
     return entry, tensors
 
 
-def cache_from(entry: dict, tensors: dict, prefix: str, device, path, expect: Optional[dict] = None
-               ) -> PagedKVCache:
-    """A new PagedKVCache on ``device`` from :func:`cache_entry`'s output;
-    KVCFileError where ``expect`` (num_layers, ..., dtype; None: any) differs."""
-    bad = lambda msg: KVCFileError(f"{os.fspath(path)}: {msg}")
-    g = entry["geometry"]
-    dtype = DTYPES[g["dtype"]]
-    for k, want in (expect or {}).items():
-        got = dtype if k == "dtype" else g[k]
-        if want is not None and got != want:
-            raise bad(f"the cache was saved with {k}={got}, expected {k}={want}")
-    cache = PagedKVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], Policy(**entry["policy"]),
-                         max_tokens=entry["max_tokens"], dtype=dtype, device=device, max_seqs=entry["max_seqs"])
-    if (cache.hot_format, cache.cold_format) != (entry["hot_format"], entry["cold_format"]):
-        raise bad(f"the policy gives formats {cache.hot_format}/{cache.cold_format}, "
-                  f"the blocks are {entry['hot_format']}/{entry['cold_format']}")
-    L, H, bs = cache.num_layers, cache.num_kv_heads, cache.policy.block_size
+def cache_from(entry: dict, tensors: dict, prefix: str, device, path, expect: Optional[dict] = None,
+               allowance: int = 65536) -> PagedKVCache:
+    """A new PagedKVCache on ``device`` from :func:`cache_entry`'s output,
+    once all of it validated; KVCFileError naming the field otherwise (also
+    where ``expect``, num_layers ... dtype, differs; None: any)."""
+    with malformed(path):
+        return build(check_cache(entry, tensors, prefix, expect, allowance), device)
+
+
+def build(plan: Plan, device) -> PagedKVCache:
+    """The cache a validated plan describes: fresh pools, the stored blocks
+    copied into newly allocated blocks, the tiers renumbered."""
+    cache = PagedKVCache(plan.num_layers, plan.num_kv_heads, plan.head_dim, plan.policy,
+                         max_tokens=plan.max_tokens, dtype=plan.dtype, device=device, max_seqs=plan.max_seqs)
     new_ids = {}
-    for name, pools, allocs in (("hot", cache.hot_pools, cache._hot_alloc), ("cold", cache.cold_pools,
-                                                                              cache._cold_alloc)):
-        for l, (pool, alloc) in enumerate(zip(pools, allocs)):
-            key = f"{prefix}{name}.{l}"
-            src = tensors[key]
-            if src.dtype != torch.uint8 or tuple(src.shape[1:]) != tuple(pool.shape[1:]):
-                raise bad(f"tensor {key} is {src.dtype} {tuple(src.shape)}, the {name} pool's blocks are "
-                          f"uint8 {tuple(pool.shape[1:])}")
-            if src.shape[0] > len(alloc.free_ids):
-                raise bad(f"tensor {key} holds {src.shape[0]} blocks, the {name} pool has {pool.shape[0]}")
+    for name, pools, allocs in (("hot", cache.hot_pools, cache._hot_alloc),
+                                ("cold", cache.cold_pools, cache._cold_alloc)):
+        for l, (pool, alloc, src) in enumerate(zip(pools, allocs, plan.blocks[name])):
             new_ids[(name, l)] = alloc.take(src.shape[0])
             pool[torch.tensor(new_ids[(name, l)], dtype=torch.long, device=pool.device)] = src.to(pool.device)
-    pos, scores = tensors[f"{prefix}pos"], tensors.get(f"{prefix}scores")
-    if pos.dtype != torch.long or pos.dim() != 2 or pos.shape[0] != H:
-        raise bad(f"tensor {prefix}pos is {pos.dtype} {tuple(pos.shape)}, not int64 [{H}, tokens]")
-    if (scores is not None) != (cache.policy.eviction == "h2o") or \
-            (scores is not None and (scores.dtype != torch.float32 or scores.shape != pos.shape)):
-        raise bad(f"tensor {prefix}scores must be float32 {tuple(pos.shape)} exactly when eviction='h2o'")
-    col, refs = 0, {k: [] for k in new_ids}
-    for seq in entry["sequences"]:
-        if seq["id"] in cache._seqs or len(seq["layers"]) != L:
-            raise bad(f"sequence {seq['id']!r} is listed twice or has not {L} layers")
-        layers = []
-        for l, e in enumerate(seq["layers"]):
-            st = _Layer(H, cache._scores_device)
-            st.seen = e["seen"]
+    for seq_id, layers in plan.sequences:
+        states = []
+        for l, layer in enumerate(layers):
+            st = _Layer(plan.num_kv_heads, cache._scores_device)
+            st.seen = layer.seen
             for name in ("hot", "cold"):
-                t, n, blocks = getattr(st, name), e[name]["len"], e[name]["blocks"]
-                if len(blocks) != -(-n // bs) or col + n > pos.shape[1]:
-                    raise bad(f"sequence {seq['id']!r} layer {l}: {name} tier of {n} tokens has "
-                              f"{len(blocks)} blocks of {bs}, or its positions are missing")
-                refs[(name, l)] += blocks
-                t.blocks = [new_ids[(name, l)][b] for b in blocks]
-                t.pos = pos[:, col:col + n].clone()
-                if scores is not None:
-                    t.scores = scores[:, col:col + n].to(cache._scores_device, copy=True)
-                col += n
-            layers.append(st)
-        cache._seqs[seq["id"]] = layers
-    if col != pos.shape[1]:
-        raise bad(f"tensor {prefix}pos has {pos.shape[1]} columns, the tiers hold {col} tokens")
-    for (name, l), ids in refs.items():
-        if sorted(ids) != list(range(len(new_ids[(name, l)]))):
-            raise bad(f"layer {l}: the {name} tiers do not use each stored block exactly once")
+                t, stored = getattr(st, name), getattr(layer, name)
+                t.blocks = [new_ids[(name, l)][b] for b in stored.blocks]
+                t.pos = plan.pos[:, stored.col:stored.col + stored.len].clone()
+                if plan.scores is not None:
+                    t.scores = plan.scores[:, stored.col:stored.col + stored.len].to(cache._scores_device, copy=True)
+            states.append(st)
+        cache._seqs[seq_id] = states
     return cache
 
 
-def save_cache(cache: PagedKVCache, path, seq_ids: Optional[Sequence] = None) -> None:
+def unused_tensors(tensors: dict, names: set, path) -> None:
+    """KVCFileError if the payload holds tensors the header does not use."""
+    extra = sorted(set(tensors) - names)
+    if extra:
+        raise KVCFileError(f"{os.fspath(path)}: the payload holds tensors the header does not use: {extra[:5]}")
+
+
+def save_cache(cache: PagedKVCache, path, seq_ids: Optional[Sequence] = None, key=None, encrypt_key=None) -> None:
     entry, tensors = cache_entry(cache, seq_ids)
-    write(path, "PagedKVCache", {"cache": entry}, tensors)
+    write(path, "PagedKVCache", {"cache": entry}, tensors, key=key, encrypt_key=encrypt_key)
 
 
-def load_cache(path, device, expect: dict) -> PagedKVCache:
-    header, tensors = read(path, "PagedKVCache")
+def load_cache(path, device, expect: dict, max_tokens: Optional[int] = None, key=None,
+               encrypt_key=None) -> PagedKVCache:
+    allowance = _allowance(max_tokens, 65536)
+    report = {}
+    header, tensors = read(path, "PagedKVCache", key, encrypt_key, report)
+    t0 = time.perf_counter()
     with malformed(path):
-        return cache_from(header["cache"], tensors, "", device, path, expect)
+        plan = check_cache(header.get("cache"), tensors, "", expect, allowance)
+    unused_tensors(tensors, plan.names, path)
+    t1 = time.perf_counter()
+    cache = build(plan, device)
+    cache.load_report = finish_report(report, t1 - t0, time.perf_counter() - t1)
+    return cache
+
+
+def _allowance(max_tokens, default: int) -> int:
+    if max_tokens is None:
+        return default
+    if type(max_tokens) is not int or max_tokens < 0:
+        raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+    return max_tokens
+
+
+def finish_report(report: dict, validate_s: float, build_s: float) -> dict:
+    """A load's timings: bytes, read_s, verify_s (trailer, decryption,
+    payload parsing), validate_s, build_s, total_s and validate_fraction."""
+    report.update(validate_s=validate_s, build_s=build_s)
+    report["total_s"] = sum(report[k] for k in ("read_s", "verify_s", "validate_s", "build_s"))
+    report["validate_fraction"] = validate_s / report["total_s"] if report["total_s"] else 0.0
+    return report

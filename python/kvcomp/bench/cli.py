@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import accuracy, memory_bench, ops_bench
+from . import accuracy, files_bench, memory_bench, ops_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy.add_arguments(acc_p)
     acc_p.set_defaults(run=accuracy.run)
+    files_p = sub.add_parser("files", parents=[common], help=".kvc save/load time, and what validating, signing "
+                             "and encrypting cost", description=files_bench.__doc__)
+    files_bench.add_arguments(files_p)
+    files_p.set_defaults(run=files_bench.run)
     return parser
 
 

@@ -20,6 +20,7 @@ lives here: the cache API changes between releases (tested: 5.x).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional
 
 import torch
@@ -194,10 +195,11 @@ class KVCompCache(Cache):
                 "layers": len(parts), "hot_tokens": parts[0]["hot_tokens"], "cold_tokens": parts[0]["cold_tokens"],
                 "seen_tokens": parts[0]["seen_tokens"] // max(parts[0]["sequences"], 1)}
 
-    def save(self, path) -> None:
+    def save(self, path, *, key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> None:
         """Writes every layer's cache, the policy, ``max_tokens`` and each
         layer's batch size and flags to one ``.kvc`` file, atomically
-        (docs/format.md). :meth:`load` continues where this left off."""
+        (docs/format.md). :meth:`load` continues where this left off.
+        ``key``/``encrypt_key``: as :meth:`kvcomp.PagedKVCache.save`."""
         from ..kvc_file import cache_entry, write
         layers, tensors = [], {}
         for i, layer in enumerate(self.layers):
@@ -208,36 +210,65 @@ class KVCompCache(Cache):
             layers.append({"batch_size": layer.batch_size if layer.is_initialized else 0, "native": layer.native,
                            "pending_evict": layer.pending_evict, "cache": entry})
         write(path, "hf.KVCompCache", {"policy": dataclasses.asdict(self.policy), "max_tokens": self.max_tokens,
-                                       "layers": layers}, tensors)
+                                       "layers": layers}, tensors, key=key, encrypt_key=encrypt_key)
 
     @classmethod
-    def load(cls, path, device: "torch.device | str" = "cpu", config=None) -> "KVCompCache":
-        """A KVCompCache on ``device`` from a file :meth:`save` wrote. With the
-        model's ``config``, its layer count, KV heads and head_dim must match
-        the file's; :class:`kvcomp.KVCFileError` otherwise, as for a file that
-        is not one, truncated, corrupted or of another format version."""
-        from ..kvc_file import KVCFileError, cache_from, malformed, read
-        header, tensors = read(path, "hf.KVCompCache")
-        with malformed(path):
-            out = cls(policy=Policy(**header["policy"]), max_tokens=header["max_tokens"])
-            expect = None
+    def load(cls, path, device: "torch.device | str" = "cpu", config=None, *, max_tokens: Optional[int] = None,
+             key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> "KVCompCache":
+        """A KVCompCache on ``device`` from a file :meth:`save` wrote, once all
+        of it validated. With the model's ``config``, its layer count, KV
+        heads and head_dim must match the file's. ``max_tokens`` (default
+        32768): the most token slots per sequence a layer's pools may hold
+        beyond its stored blocks, and the most the file's ``max_tokens`` may
+        say. ``key``/``encrypt_key``: as :meth:`kvcomp.PagedKVCache.load`.
+        :class:`kvcomp.KVCFileError` for any file that does not validate."""
+        from .. import kvc_file
+        from ..kvc_validate import MAX_LAYERS, Invalid, check_cache, check_policy, field, integer
+        allowance = kvc_file._allowance(max_tokens, 32768)
+        report = {}
+        header, tensors = kvc_file.read(path, "hf.KVCompCache", key, encrypt_key, report)
+        t0 = time.perf_counter()
+        plans, names = [], set()
+        with kvc_file.malformed(path):
+            policy = check_policy(field(header, "policy", ""))
+            per_seq = integer(field(header, "max_tokens", ""), "max_tokens", 1, allowance)
+            entries = field(header, "layers", "")
+            if not isinstance(entries, list) or len(entries) > MAX_LAYERS:
+                raise Invalid("layers", f"must be a list of at most {MAX_LAYERS} layers")
+            expect = {"num_layers": 1}
             if config is not None:
                 cfg = config.get_text_config()
-                if len(header["layers"]) != cfg.num_hidden_layers:
-                    raise KVCFileError(f"{path}: the cache has {len(header['layers'])} layers, the model "
-                                       f"{cfg.num_hidden_layers}")
+                if len(entries) != cfg.num_hidden_layers:
+                    raise Invalid("layers", f"the cache has {len(entries)} layers, the model "
+                                            f"{cfg.num_hidden_layers}")
                 heads = cfg.num_attention_heads
-                expect = {"num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-                          "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads}
-            for i, e in enumerate(header["layers"]):
-                layer = KVCompLayer(out)
-                if e["cache"] is not None:
-                    c = cache_from(e["cache"], tensors, f"layers.{i}.", device, path, expect)
-                    if c.sequences != list(range(e["batch_size"])):
-                        raise KVCFileError(f"{path}: layer {i} holds sequences {c.sequences}, not the "
-                                           f"{e['batch_size']} batch rows")
-                    layer.restore(c, e["native"], e["pending_evict"])
-                out.layers.append(layer)
+                expect.update(num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                              head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+            for i, e in enumerate(entries):
+                where = f"layers[{i}]"
+                b = integer(field(e, "batch_size", where), f"{where}.batch_size", 0, 1 << 20)
+                flags = [field(e, k, where) for k in ("native", "pending_evict")]
+                if any(type(f) is not bool for f in flags):
+                    raise Invalid(where, f"native and pending_evict must be true or false, got {flags}")
+                if (field(e, "cache", where) is None) != (b == 0):
+                    raise Invalid(f"{where}.cache", "must be null exactly when batch_size is 0")
+                plan = None
+                if b:
+                    plan = check_cache(e["cache"], tensors, f"layers.{i}.", expect, allowance * b)
+                    if plan.policy != policy or [s for s, _ in plan.sequences] != list(range(b)):
+                        raise Invalid(f"{where}.cache", f"must hold the batch rows 0..{b - 1} under the "
+                                                        f"cache's policy")
+                    names |= plan.names
+                plans.append((plan, flags))
+        kvc_file.unused_tensors(tensors, names, path)
+        t1 = time.perf_counter()
+        out = cls(policy=policy, max_tokens=per_seq)
+        for plan, (native, pending_evict) in plans:
+            layer = KVCompLayer(out)
+            if plan is not None:
+                layer.restore(kvc_file.build(plan, device), native, pending_evict)
+            out.layers.append(layer)
+        out.load_report = kvc_file.finish_report(report, t1 - t0, time.perf_counter() - t1)
         return out
 
 
