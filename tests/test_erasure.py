@@ -15,6 +15,7 @@ scanned for the patterns:
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import pytest
@@ -141,21 +142,45 @@ def test_wipe_field():
             Policy(wipe=bad)
 
 
+def fresh_pool(n: int) -> torch.Tensor:
+    return torch.zeros(n, H, 32, dtype=torch.uint8)
+
+
 @pytest.mark.parametrize("wipe", WIPES)
 def test_allocator(wipe):
-    pool = torch.zeros(4, H, 32, dtype=torch.uint8)
-    a = _Allocator(pool, wipe)
+    a = _Allocator(fresh_pool, 4, wipe)
     ids = a.take(3)
-    pool[ids] = 0xAB
+    a.pool[ids] = 0xAB
     a.give_back(ids[:2])
-    assert a.used == 1 and bool((pool[ids[2]] == 0xAB).all())
-    assert bool((pool[ids[:2]] == 0).all()) == (wipe == "on_free")
+    assert a.used == 1 and bool((a.pool[ids[2]] == 0xAB).all())
+    assert bool((a.pool[ids[:2]] == 0).all()) == (wipe == "on_free")
     again = a.take(3)  # the freed ones first, then a fresh one: all zero when handed out
-    assert set(ids[:2]) <= set(again) and bool((pool[again] == 0).all()) and not a.dirty
-    pool[again] = 0xCD
+    assert set(ids[:2]) <= set(again) and bool((a.pool[again] == 0).all()) and not a.dirty
+    a.pool[again] = 0xCD
     a.give_back(again)
     a.scrub()
-    assert bool((pool[again] == 0).all()) and not a.dirty
+    assert bool((a.pool[again] == 0).all()) and not a.dirty
+
+
+def test_allocator_grows_on_demand_up_to_its_cap():
+    """A pool starts empty, grows by at least a quarter (amortized), keeps
+    every block's bytes and id, hands out zeroed blocks, and stops at its cap."""
+    a = _Allocator(fresh_pool, 100, "on_free")
+    assert a.pool.shape[0] == 0 and a.available == 100
+    first = a.take(8)
+    assert first == list(range(8)) and a.pool.shape[0] == 8
+    a.pool[first] = torch.arange(8, dtype=torch.uint8)[:, None, None] + 1
+    sizes = [a.pool.shape[0]]
+    for _ in range(40):
+        a.take(1)
+        sizes.append(a.pool.shape[0])
+    grown = [b for a_, b in zip(sizes, sizes[1:]) if b != a_]
+    assert all(b >= math.ceil(a_ * 1.25) for a_, b in zip(sizes, grown)) and len(grown) <= 8
+    assert bool((a.pool[first] == (torch.arange(8, dtype=torch.uint8)[:, None, None] + 1)).all())
+    assert bool((a.pool[48:] == 0).all())
+    a.take(a.available)
+    assert a.pool.shape[0] == 100 and a.available == 0
+    assert _Allocator(fresh_pool, None, "on_free").available == math.inf
 
 
 # ============================================================== the paths

@@ -84,8 +84,9 @@ def test_the_hostile_files_of_the_issue(tmp_path):
     raw = saved(tmp_path, make(P.int4(hot_window=16), F32))
     nan = lambda t: set_bytes(t["hot.0"], 0, torch.tensor([float("nan")]))
     assert "hot.0: K values" in rejected(tmp_path, edited(raw, tensors=nan), "NaN")
-    big = lambda h: h["cache"].update(max_tokens=2**40)
-    rejected(tmp_path, edited(raw, header=big), r"max_tokens: the cold pool would have")
+    big = lambda h: h["cache"].update(max_tokens=2**40)  # a cap: loads, allocating the stored blocks only
+    (tmp_path / "big.kvc").write_bytes(edited(raw, header=big))
+    assert PagedKVCache.load(tmp_path / "big.kvc").stats()["capacity_bytes"] == make(dtype=F32).stats()["bytes"]
 
     def negative(t):
         t["pos"][0, 0] = -1
@@ -169,8 +170,8 @@ def test_positions(tmp_path):
     (lambda h: seq_layer(h)["hot"].update(len=-1), r"hot.len: -1 is not"),
     (lambda h: seq_layer(h)["cold"].update(blocks=[0, 1.0]), r"cold.blocks"),
     (lambda h: h["cache"]["sequences"][1].update(id=[1]), r"sequences\[1\].id"),
-    (lambda h: h["cache"].update(max_seqs=2**40), r"max_seqs: the hot pool would have"),
-    (lambda h: h["cache"].update(max_tokens=16), r"max_tokens: the cold pool has"),
+    (lambda h: h["cache"].update(max_seqs=0), r"max_seqs: 0 is not"),
+    (lambda h: h["cache"].update(max_tokens=16), r"max_tokens: the cold pool holds at most 1 blocks"),
     (lambda h: h["cache"]["geometry"].update(num_layers=10**6), r"geometry.num_layers"),
     (lambda h: h["cache"]["geometry"].update(head_dim=48), r"head_dim|tensor hot.0"),
     (lambda h: h["cache"]["policy"].update(hot_window=16.0), r"policy: hot_window must be"),
@@ -193,18 +194,18 @@ def test_tensors_missing_extra_or_misshapen(tmp_path):
              "tensor hot.0: is torch.uint8")
 
 
-def test_max_tokens_allowance(tmp_path):
-    """A header may not make a load allocate more than its blocks plus the
-    caller's max_tokens (default 65536) per layer."""
-    c = PagedKVCache(1, H, D, P.int8(hot_window=16), max_tokens=100_000, dtype=F16)
-    c.add_sequence("a")
-    c.append(0, ["a"], torch.randn(1, 40, H, D).half(), torch.randn(1, 40, H, D).half())
-    c.save(tmp_path / "c.kvc")
-    with pytest.raises(KVCFileError, match=r"max_tokens=\) allows more"):
-        PagedKVCache.load(tmp_path / "c.kvc")
-    assert PagedKVCache.load(tmp_path / "c.kvc", max_tokens=100_000).max_tokens == 100_000
-    with pytest.raises(ValueError, match="max_tokens"):
-        PagedKVCache.load(tmp_path / "c.kvc", max_tokens=-1)
+def test_a_header_cannot_make_a_load_allocate(tmp_path):
+    """Pools grow on demand: a load allocates the stored blocks and nothing
+    more, whatever caps (max_tokens, max_seqs) the header names."""
+    c = make()
+    raw = saved(tmp_path, c)
+    for edit in (lambda h: h["cache"].update(max_tokens=2**40), lambda h: h["cache"].update(max_seqs=2**40),
+                 lambda h: h["cache"].update(max_tokens=None)):
+        (tmp_path / "big.kvc").write_bytes(edited(raw, header=edit))
+        big = PagedKVCache.load(tmp_path / "big.kvc")
+        assert big.stats()["capacity_bytes"] == big.stats()["bytes"] == c.stats()["bytes"]
+    assert big.max_tokens is None
+    rejected(tmp_path, edited(raw, header=lambda h: h["cache"].update(max_tokens=2**40 + 0.5)), "max_tokens")
 
 
 def test_version_1_files_still_load(tmp_path):
@@ -346,7 +347,8 @@ def test_hf_keys(tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda h: h.update(max_tokens=2**40), r"max_tokens: 1099511627776 is not an int in \[1, 32768\]"),
+    (lambda h: h.update(max_tokens=0), r"max_tokens: 0 is not an int"),
+    (lambda h: h.update(max_tokens=1000), r"layers\[0\].cache: must hold .* max_tokens"),
     (lambda h: h["layers"][0].update(native="yes"), r"layers\[0\]: native and pending_evict must be"),
     (lambda h: h["layers"][0].update(batch_size=5), r"layers\[0\]"),
     (lambda h: h["layers"][1].update(batch_size=0), r"layers\[1\].cache: must be null"),
@@ -361,7 +363,7 @@ def test_hf_header_fields(tmp_path, edit, match):
     (tmp_path / "bad.kvc").write_bytes(edited((tmp_path / "hf.kvc").read_bytes(), header=edit))
     with pytest.raises(KVCFileError, match=match):
         KVCompCache.load(tmp_path / "bad.kvc")
-    assert KVCompCache.load(tmp_path / "hf.kvc", max_tokens=512).max_tokens == 512
+    assert KVCompCache.load(tmp_path / "hf.kvc").max_tokens == 512
 
 
 def test_header_nested_too_deep(tmp_path):

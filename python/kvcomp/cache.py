@@ -11,7 +11,7 @@ the streaming ring overwrites its oldest slots in place.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -30,21 +30,44 @@ class CacheFullError(RuntimeError):
 
 
 class _Allocator:
-    """Free list of one pool's blocks. Freed blocks are zeroed at once
-    (``wipe="on_free"``) or when handed out again (``"on_reuse"``, the
-    ``dirty`` ones); either way no byte of a freed sequence reaches another."""
+    """Free list of one pool's blocks; the pool grows as blocks are taken, by
+    a quarter of its size at least (amortized: a block is copied ~5 times in
+    all, never once per step), up to ``cap`` blocks (None: no cap), so a
+    cache holds what its sequences use, not what they might. Freed blocks are
+    zeroed at once (``wipe="on_free"``) or when handed out again
+    (``"on_reuse"``, the ``dirty`` ones); either way no byte of a freed
+    sequence reaches another."""
 
-    def __init__(self, pool: torch.Tensor, wipe: str):
-        self.pool, self.wipe = pool, wipe
-        self.free_ids = list(range(pool.shape[0] - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+    GROWTH = 1.25
+
+    def __init__(self, make: Callable[[int], torch.Tensor], cap: Optional[int], wipe: str):
+        self.make, self.cap, self.wipe = make, cap, wipe
+        self.pool = make(0)
+        self.free_ids: list[int] = []  # pop() hands out the lowest free ids first
         self.dirty: set[int] = set()  # free blocks not zeroed yet
 
+    @property
+    def available(self) -> int:
+        """Blocks a take() can still hand out (free, or the pool can grow by)."""
+        return math.inf if self.cap is None else len(self.free_ids) + self.cap - self.pool.shape[0]
+
     def take(self, n: int) -> list[int]:
-        assert n <= len(self.free_ids)
+        assert n <= self.available
+        if n > len(self.free_ids):
+            self._grow(n - len(self.free_ids))
         ids = [self.free_ids.pop() for _ in range(n)]
         self._zero(self.dirty.intersection(ids))
         self.dirty.difference_update(ids)
         return ids
+
+    def _grow(self, more: int) -> None:
+        old = self.pool.shape[0]
+        new = max(old + more, math.ceil(old * self.GROWTH))
+        new = new if self.cap is None else min(new, self.cap)
+        pool = self.make(new)  # zeroed
+        pool[:old] = self.pool
+        self.pool = pool
+        self.free_ids[:0] = range(new - 1, old - 1, -1)  # after the free ids already there
 
     def give_back(self, ids: Sequence[int]) -> None:
         if self.wipe == "on_free":
@@ -112,11 +135,12 @@ def tier_capacity(policy: Policy) -> dict:
     return {"hot": 0 if p._direct() else (-(-p.hot_window // bs) + 1) * bs, "cold": ring}
 
 
-def pool_blocks(policy: Policy, max_tokens: int, max_seqs: int) -> dict:
-    """Blocks per layer of the hot and cold pools: ``max_tokens`` sizes the
-    cold pool (the hot pool without a cold tier), ``max_seqs`` hot tiers the
-    hot pool of a tiered policy."""
-    per_tokens, hot_cap = -(-max_tokens // policy.block_size), tier_capacity(policy)["hot"]
+def pool_blocks(policy: Policy, max_tokens: Optional[int], max_seqs: int) -> dict:
+    """The most blocks per layer the hot and cold pools grow to (None: no
+    cap): ``max_tokens`` caps the cold pool (the hot pool without a cold
+    tier), ``max_seqs`` hot tiers the hot pool of a tiered policy."""
+    per_tokens = None if max_tokens is None else -(-max_tokens // policy.block_size)
+    hot_cap = tier_capacity(policy)["hot"]
     if hot_cap is None:
         return {"hot": per_tokens, "cold": 0}
     return {"hot": max_seqs * hot_cap // policy.block_size, "cold": per_tokens}
@@ -125,24 +149,28 @@ def pool_blocks(policy: Policy, max_tokens: int, max_seqs: int) -> dict:
 class PagedKVCache:
     """The KV cache of many sequences, stored per ``policy`` (CONTRACT.md §4).
 
-    ``max_tokens`` sizes the cold pool of each layer (or the hot pool under
-    ``full()``); ``max_seqs`` sizes the hot pools of tiered policies (each
-    sequence holds at most ``hot_window`` rounded up to blocks, plus one).
-    ``dtype`` is the activations' dtype; the hot tier stores it exactly
-    (``fp32`` for float32) unless the policy names ``hot_format``.
+    Pools start empty and grow in blocks as sequences grow (amortized, see
+    ``_Allocator``): a short prompt costs what it holds. ``max_tokens`` caps
+    the cold pool of each layer (or the hot pool under ``full()``; None: no
+    cap); ``max_seqs`` caps the hot pools of tiered policies (each sequence
+    holds at most ``hot_window`` rounded up to blocks, plus one). Past a cap,
+    an append raises :class:`CacheFullError`. ``dtype`` is the activations'
+    dtype; the hot tier stores it exactly (``fp32`` for float32) unless the
+    policy names ``hot_format``.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, policy: Optional[Policy] = None,
-                 max_tokens: int = 65536, dtype: torch.dtype = torch.float16,
+                 max_tokens: Optional[int] = 65536, dtype: torch.dtype = torch.float16,
                  device: "torch.device | str" = "cpu", *, max_seqs: int = 16):
         from . import policies
         self.policy = policy if policy is not None else policies.full()
         if not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a kvcomp.Policy, got {type(self.policy).__name__}")
-        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_tokens", max_tokens),
-                        ("max_seqs", max_seqs)):
+        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_seqs", max_seqs)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         p, bs = self.policy, self.policy.block_size
@@ -160,14 +188,23 @@ class PagedKVCache:
         self._has_cold = p.hot_window is not None
         caps = tier_capacity(p)
         self._hot_cap, self._ring_cap = (caps["hot"], caps["cold"]) if self._has_cold else (None, None)
-        blocks = pool_blocks(p, max_tokens, max_seqs)
-        make = lambda n, fmt: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device)
-        self.hot_pools = [make(blocks["hot"], self.hot_format) for _ in range(num_layers)]
-        self.cold_pools = [make(blocks["cold"], self.cold_format) for _ in range(num_layers)]
-        self._hot_alloc = [_Allocator(t, p.wipe) for t in self.hot_pools]
-        self._cold_alloc = [_Allocator(t, p.wipe) for t in self.cold_pools]
+        caps = pool_blocks(p, max_tokens, max_seqs)
+        allocator = lambda tier, fmt: _Allocator(
+            lambda n: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device), caps[tier], p.wipe)
+        self._hot_alloc = [allocator("hot", self.hot_format) for _ in range(num_layers)]
+        self._cold_alloc = [allocator("cold", self.cold_format) for _ in range(num_layers)]
         self._scores_device = self.device if p.eviction == "h2o" else None
         self._seqs: dict = {}
+
+    @property
+    def hot_pools(self) -> list[torch.Tensor]:
+        """Each layer's hot pool (it grows: read it again after an append)."""
+        return [a.pool for a in self._hot_alloc]
+
+    @property
+    def cold_pools(self) -> list[torch.Tensor]:
+        """Each layer's cold pool (it grows: read it again after an append)."""
+        return [a.pool for a in self._cold_alloc]
 
     # ------------------------------------------------------------ sequences
     def add_sequence(self, seq_id) -> None:
@@ -289,8 +326,8 @@ class PagedKVCache:
             cold_need += max(0, -(-cold_len // bs) - len(st.cold.blocks))
         for tier, need, alloc in (("hot", hot_need, self._hot_alloc[layer]),
                                   ("cold", cold_need, self._cold_alloc[layer])):
-            if need > len(alloc.free_ids):
-                raise CacheFullError(tier, need * bs, len(alloc.free_ids) * bs)
+            if need > alloc.available:
+                raise CacheFullError(tier, need * bs, alloc.available * bs)
 
     def _slots(self, blocks: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Pool slots of tier slots (int64)."""
@@ -561,8 +598,8 @@ class PagedKVCache:
         hot = sum(st[0].hot.len for st in self._seqs.values())
         cold = sum(st[0].cold.len for st in self._seqs.values())
         bs = self.policy.block_size
-        hot_tile = self.hot_pools[0][0].numel() if self.hot_pools[0].shape[0] else 0
-        cold_tile = self.cold_pools[0][0].numel() if self.cold_pools[0].shape[0] else 0
+        tile = lambda fmt: self.num_kv_heads * KVFormat.parse(fmt).tile_bytes(self.head_dim, bs)
+        hot_tile, cold_tile = tile(self.hot_format), tile(self.cold_format)
         hot_blocks = sum(a.used for a in self._hot_alloc)
         cold_blocks = sum(a.used for a in self._cold_alloc)
         used = hot_blocks * hot_tile + cold_blocks * cold_tile
@@ -591,23 +628,22 @@ class PagedKVCache:
     @classmethod
     def load(cls, path, device: "torch.device | str" = "cpu", *, num_layers: Optional[int] = None,
              num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-             dtype: Optional[torch.dtype] = None, max_tokens: Optional[int] = None,
-             key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> "PagedKVCache":
+             dtype: Optional[torch.dtype] = None, key: Optional[bytes] = None,
+             encrypt_key: Optional[bytes] = None) -> "PagedKVCache":
         """A new cache on ``device`` from a ``.kvc`` file, once every field and
         value in it validated (docs/format.md, "Validation on load").
         Raises :class:`kvcomp.KVCFileError` for a file that is not one, is
         truncated, corrupted or of another format version, holds anything the
         cache itself would never store, has (when given) another
-        ``num_layers``/``num_kv_heads``/``head_dim``/``dtype``, or would make
-        the pools hold more than ``max_tokens`` token slots per layer (default
-        65536) beyond its stored blocks. A file saved with ``key`` or
+        ``num_layers``/``num_kv_heads``/``head_dim``/``dtype``. The new pools
+        hold just the stored blocks (they grow from there, up to the saved
+        caps ``max_tokens``/``max_seqs``). A file saved with ``key`` or
         ``encrypt_key`` loads only with the same; with ``key`` an unsigned
         file is rejected, with ``encrypt_key`` an unencrypted one. The
         timings of the load are in the new cache's ``load_report``."""
         from .kvc_file import load_cache
         return load_cache(path, device, dict(num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                             head_dim=head_dim, dtype=dtype),
-                          max_tokens=max_tokens, key=key, encrypt_key=encrypt_key)
+                                             head_dim=head_dim, dtype=dtype), key=key, encrypt_key=encrypt_key)
 
     # ------------------------------------------------------------- helpers
     def _known(self, seq_id):

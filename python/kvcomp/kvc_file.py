@@ -303,26 +303,16 @@ def cache_entry(cache: PagedKVCache, seq_ids: Optional[Sequence] = None, prefix:
     return entry, tensors
 
 
-def cache_from(entry: dict, tensors: dict, prefix: str, device, path, expect: Optional[dict] = None,
-               allowance: int = 65536) -> PagedKVCache:
-    """A new PagedKVCache on ``device`` from :func:`cache_entry`'s output,
-    once all of it validated; KVCFileError naming the field otherwise (also
-    where ``expect``, num_layers ... dtype, differs; None: any)."""
-    with malformed(path):
-        return build(check_cache(entry, tensors, prefix, expect, allowance), device)
-
-
 def build(plan: Plan, device) -> PagedKVCache:
-    """The cache a validated plan describes: fresh pools, the stored blocks
-    copied into newly allocated blocks, the tiers renumbered."""
+    """The cache a validated plan describes: fresh pools holding just the
+    stored blocks, copied in, the tiers renumbered."""
     cache = PagedKVCache(plan.num_layers, plan.num_kv_heads, plan.head_dim, plan.policy,
                          max_tokens=plan.max_tokens, dtype=plan.dtype, device=device, max_seqs=plan.max_seqs)
     new_ids = {}
-    for name, pools, allocs in (("hot", cache.hot_pools, cache._hot_alloc),
-                                ("cold", cache.cold_pools, cache._cold_alloc)):
-        for l, (pool, alloc, src) in enumerate(zip(pools, allocs, plan.blocks[name])):
-            new_ids[(name, l)] = alloc.take(src.shape[0])
-            pool[torch.tensor(new_ids[(name, l)], dtype=torch.long, device=pool.device)] = src.to(pool.device)
+    for name, allocs in (("hot", cache._hot_alloc), ("cold", cache._cold_alloc)):
+        for l, (alloc, src) in enumerate(zip(allocs, plan.blocks[name])):
+            new_ids[(name, l)] = ids = alloc.take(src.shape[0])  # the pool grows to hold them
+            alloc.pool[torch.tensor(ids, dtype=torch.long, device=alloc.pool.device)] = src.to(alloc.pool.device)
     for seq_id, layers in plan.sequences:
         states = []
         for l, layer in enumerate(layers):
@@ -351,27 +341,17 @@ def save_cache(cache: PagedKVCache, path, seq_ids: Optional[Sequence] = None, ke
     write(path, "PagedKVCache", {"cache": entry}, tensors, key=key, encrypt_key=encrypt_key)
 
 
-def load_cache(path, device, expect: dict, max_tokens: Optional[int] = None, key=None,
-               encrypt_key=None) -> PagedKVCache:
-    allowance = _allowance(max_tokens, 65536)
+def load_cache(path, device, expect: dict, key=None, encrypt_key=None) -> PagedKVCache:
     report = {}
     header, tensors = read(path, "PagedKVCache", key, encrypt_key, report)
     t0 = time.perf_counter()
     with malformed(path):
-        plan = check_cache(header.get("cache"), tensors, "", expect, allowance)
+        plan = check_cache(header.get("cache"), tensors, "", expect)
     unused_tensors(tensors, plan.names, path)
     t1 = time.perf_counter()
     cache = build(plan, device)
     cache.load_report = finish_report(report, t1 - t0, time.perf_counter() - t1)
     return cache
-
-
-def _allowance(max_tokens, default: int) -> int:
-    if max_tokens is None:
-        return default
-    if type(max_tokens) is not int or max_tokens < 0:
-        raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
-    return max_tokens
 
 
 def finish_report(report: dict, validate_s: float, build_s: float) -> dict:

@@ -70,7 +70,7 @@ class Plan:
     head_dim: int
     dtype: torch.dtype
     policy: Policy
-    max_tokens: int
+    max_tokens: Optional[int]
     max_seqs: int
     blocks: dict      # "hot"/"cold" -> the file's uint8 block tensor per layer
     pos: torch.Tensor
@@ -125,20 +125,19 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def check_cache(entry, tensors: dict, prefix: str, expect: Optional[dict], allowance: int) -> Plan:
+def check_cache(entry, tensors: dict, prefix: str, expect: Optional[dict]) -> Plan:
     """Validates a cache entry and its tensors (names starting with ``prefix``).
-    ``expect``: geometry the caller requires (None values: any). The pools may
-    hold at most ``allowance`` token slots per layer beyond the stored blocks."""
+    ``expect``: geometry the caller requires (None values: any)."""
     with one_thread():
-        return _check_cache(entry, tensors, prefix, expect, allowance)
+        return _check_cache(entry, tensors, prefix, expect)
 
 
-def _check_cache(entry, tensors: dict, prefix: str, expect: Optional[dict], allowance: int) -> Plan:
+def _check_cache(entry, tensors: dict, prefix: str, expect: Optional[dict]) -> Plan:
     L, H, D, dtype = _geometry(field(entry, "geometry", "cache"), expect)
     policy = check_policy(field(entry, "policy", "cache"))
     formats = _formats(entry, policy, dtype, D)
     blocks = _block_tensors(tensors, prefix, L, H, D, policy.block_size, formats)
-    max_tokens, max_seqs = _pool_sizes(entry, policy, blocks, allowance)
+    max_tokens, max_seqs = _pool_sizes(entry, policy, blocks)
     pos, scores = _position_tensors(tensors, prefix, H, policy)
     seqs = _sequences(field(entry, "sequences", "cache"), L, policy, blocks, pos.shape[1])
     for i, (_, layers) in enumerate(seqs):
@@ -200,22 +199,20 @@ def _block_tensors(tensors, prefix, L, H, D, bs, formats) -> dict:
     return out
 
 
-def _pool_sizes(entry, policy: Policy, blocks: dict, allowance: int) -> tuple[int, int]:
-    """max_tokens and max_seqs, if the pools they size hold the stored blocks
-    and at most ``allowance`` token slots more (a header alone must not make
-    us allocate memory the file does not account for)."""
-    max_tokens = integer(field(entry, "max_tokens", "cache"), "max_tokens", 1)
+def _pool_sizes(entry, policy: Policy, blocks: dict) -> tuple[Optional[int], int]:
+    """max_tokens (None: no cap) and max_seqs, if the pools they cap hold the
+    stored blocks. Pools grow on demand, so neither allocates anything: a
+    load allocates the stored blocks and nothing more."""
+    max_tokens = field(entry, "max_tokens", "cache")
+    if max_tokens is not None:
+        integer(max_tokens, "max_tokens", 1)
     max_seqs = integer(field(entry, "max_seqs", "cache"), "max_seqs", 1)
-    bs = policy.block_size
     sized_by = {"hot": "max_tokens" if policy.hot_window is None else "max_seqs", "cold": "max_tokens"}
     for name, n in pool_blocks(policy, max_tokens, max_seqs).items():
         stored = max(t.shape[0] for t in blocks[name])
-        if stored > n:
-            raise Invalid(sized_by[name], f"the {name} pool has {n} blocks, the file stores {stored} in one layer")
-        if (n - stored) * bs > allowance:
-            raise Invalid(sized_by[name], f"the {name} pool would have {n * bs} token slots per layer: more than "
-                                          f"the {stored * bs} stored plus the {allowance} this load allows "
-                                          f"(load(..., max_tokens=) allows more)")
+        if n is not None and stored > n:
+            raise Invalid(sized_by[name], f"the {name} pool holds at most {n} blocks, the file stores {stored} "
+                                          f"in one layer")
     return max_tokens, max_seqs
 
 

@@ -69,7 +69,8 @@ class KVCompLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         o = self.owner
-        self.cache = PagedKVCache(1, h, d, o.policy, max_tokens=o.max_tokens * b, dtype=key_states.dtype,
+        cap = None if o.max_tokens is None else o.max_tokens * b
+        self.cache = PagedKVCache(1, h, d, o.policy, max_tokens=cap, dtype=key_states.dtype,
                                   device=key_states.device, max_seqs=max(b, 1))
         for i in range(b):
             self.cache.add_sequence(i)
@@ -175,14 +176,18 @@ class KVCompLayer(CacheLayerMixin):
 class KVCompCache(Cache):
     """A transformers ``Cache`` storing K/V per a :class:`kvcomp.Policy`.
 
-    ``max_tokens``: cold-tier capacity per sequence and layer (the hot tier
-    under ``full()``); exceeding it raises :class:`kvcomp.CacheFullError`.
+    Its pools grow with the sequences (a short prompt costs what it holds).
+    ``max_tokens``: an optional cap on the cold tier per sequence and layer
+    (the hot tier under ``full()``); exceeding it raises
+    :class:`kvcomp.CacheFullError`. None (default): no cap, like DynamicCache.
     """
 
-    def __init__(self, policy: Optional[Policy] = None, max_tokens: int = 32768):
+    def __init__(self, policy: Optional[Policy] = None, max_tokens: Optional[int] = None):
         from .. import policies
         self.policy = policy if policy is not None else policies.full()
-        self.max_tokens = int(max_tokens)
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
+        self.max_tokens = max_tokens
         super().__init__(layer_class_to_replicate=lambda: KVCompLayer(self))
 
     def stats(self) -> dict:
@@ -213,25 +218,24 @@ class KVCompCache(Cache):
                                        "layers": layers}, tensors, key=key, encrypt_key=encrypt_key)
 
     @classmethod
-    def load(cls, path, device: "torch.device | str" = "cpu", config=None, *, max_tokens: Optional[int] = None,
-             key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> "KVCompCache":
+    def load(cls, path, device: "torch.device | str" = "cpu", config=None, *, key: Optional[bytes] = None,
+             encrypt_key: Optional[bytes] = None) -> "KVCompCache":
         """A KVCompCache on ``device`` from a file :meth:`save` wrote, once all
         of it validated. With the model's ``config``, its layer count, KV
-        heads and head_dim must match the file's. ``max_tokens`` (default
-        32768): the most token slots per sequence a layer's pools may hold
-        beyond its stored blocks, and the most the file's ``max_tokens`` may
-        say. ``key``/``encrypt_key``: as :meth:`kvcomp.PagedKVCache.load`.
-        :class:`kvcomp.KVCFileError` for any file that does not validate."""
+        heads and head_dim must match the file's. ``key``/``encrypt_key``: as
+        :meth:`kvcomp.PagedKVCache.load`. :class:`kvcomp.KVCFileError` for
+        any file that does not validate."""
         from .. import kvc_file
         from ..kvc_validate import MAX_LAYERS, Invalid, check_cache, check_policy, field, integer
-        allowance = kvc_file._allowance(max_tokens, 32768)
         report = {}
         header, tensors = kvc_file.read(path, "hf.KVCompCache", key, encrypt_key, report)
         t0 = time.perf_counter()
         plans, names = [], set()
         with kvc_file.malformed(path):
             policy = check_policy(field(header, "policy", ""))
-            per_seq = integer(field(header, "max_tokens", ""), "max_tokens", 1, allowance)
+            per_seq = field(header, "max_tokens", "")
+            if per_seq is not None:
+                integer(per_seq, "max_tokens", 1)
             entries = field(header, "layers", "")
             if not isinstance(entries, list) or len(entries) > MAX_LAYERS:
                 raise Invalid("layers", f"must be a list of at most {MAX_LAYERS} layers")
@@ -254,10 +258,12 @@ class KVCompCache(Cache):
                     raise Invalid(f"{where}.cache", "must be null exactly when batch_size is 0")
                 plan = None
                 if b:
-                    plan = check_cache(e["cache"], tensors, f"layers.{i}.", expect, allowance * b)
-                    if plan.policy != policy or [s for s, _ in plan.sequences] != list(range(b)):
+                    plan = check_cache(e["cache"], tensors, f"layers.{i}.", expect)
+                    cap = None if per_seq is None else per_seq * b
+                    if plan.policy != policy or [s for s, _ in plan.sequences] != list(range(b)) or \
+                            plan.max_tokens != cap:
                         raise Invalid(f"{where}.cache", f"must hold the batch rows 0..{b - 1} under the "
-                                                        f"cache's policy")
+                                                        f"cache's policy and max_tokens")
                     names |= plan.names
                 plans.append((plan, flags))
         kvc_file.unused_tensors(tensors, names, path)
