@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
 from ..cache import PagedKVCache
+from ..formats import KVFormat
 from ..policy import Policy
 
 __all__ = ["BlindEvictionError", "KVCompCache", "kvcomp_attention"]
@@ -50,28 +51,55 @@ class _Tagged:
         self.positions = positions  # per row: [kv_heads, held] positions of the dequantized columns
 
 
+_PER_TOKEN = {"int8c": "int8", "int4c": "int4", "int2c": "int2"}
+
+
+def sliding_policy(policy: Policy, window: int, dtype: torch.dtype) -> Policy:
+    """What a sliding-window layer stores under ``policy``: a ring of exactly
+    its ``window`` newest tokens (StreamingLLM's ring without sinks: constant
+    memory), written straight into the ring in the policy's cold format
+    (per-channel sides, which the ring cannot rewrite token by token, in
+    their per-token kind); exact (the cache dtype) under ``full()``. No hot
+    tier: a hot tier shrinks by up to a block when it seals, so a ring behind
+    it would hold less than the window. Eviction inside a window has nothing
+    to choose."""
+    if policy.hot_window is None:
+        fmt = policy.resolved_hot_format(dtype)
+    else:
+        f = KVFormat.parse(policy.cold_format)
+        fmt = "/".join(_PER_TOKEN.get(side.spec, side.spec) for side in (f.k, f.v))
+    return Policy(cold_format=fmt, hot_window=0, eviction="streaming", sinks=0, window=window,
+                  block_size=policy.block_size, hot_format=policy.hot_format, wipe=policy.wipe,
+                  name=f"{policy.name}/sliding-{window}")
+
+
 class KVCompLayer(CacheLayerMixin):
     """One model layer: a single-layer PagedKVCache whose sequences are the
-    batch rows 0..batch-1."""
+    batch rows 0..batch-1. A sliding-window layer (``sliding_window``) holds
+    a ring of its window (:func:`sliding_policy`)."""
 
     is_compileable = False
-    is_sliding = False
     is_croppable = False
 
-    def __init__(self, owner: "KVCompCache"):
+    def __init__(self, owner: "KVCompCache", policy: Policy, sliding_window: Optional[int] = None):
         super().__init__()
-        self.owner = owner
+        self.owner, self.policy, self.sliding_window = owner, policy, sliding_window
+        self.is_sliding = sliding_window is not None
         self.cache: Optional[PagedKVCache] = None
         self.native = False  # set once "kvcomp" attention has run: decode skips the dequantized copy
         self.pending_evict = False  # an H2O prompt chunk awaits its scores before eviction
+
+    def stored_policy(self, dtype: torch.dtype) -> Policy:
+        """The policy of this layer's PagedKVCache."""
+        return self.policy if self.sliding_window is None else sliding_policy(self.policy, self.sliding_window, dtype)
 
     # transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         o = self.owner
         cap = None if o.max_tokens is None else o.max_tokens * b
-        self.cache = PagedKVCache(1, h, d, o.policy, max_tokens=cap, dtype=key_states.dtype,
-                                  device=key_states.device, max_seqs=max(b, 1))
+        self.cache = PagedKVCache(1, h, d, self.stored_policy(key_states.dtype), max_tokens=cap,
+                                  dtype=key_states.dtype, device=key_states.device, max_seqs=max(b, 1))
         for i in range(b):
             self.cache.add_sequence(i)
         self.batch_size = b
@@ -176,19 +204,65 @@ class KVCompLayer(CacheLayerMixin):
 class KVCompCache(Cache):
     """A transformers ``Cache`` storing K/V per a :class:`kvcomp.Policy`.
 
+    ``policy``: one Policy for every layer, a list of one per layer, or a
+    function ``(layer_idx, layer_type) -> Policy`` (layer_type as in
+    ``config.layer_types``: "full_attention", "sliding_attention").
+    ``config`` (the model's config) tells each layer's kind, as
+    ``DynamicCache(config=...)`` does: sliding-window layers hold a ring of
+    their window (:func:`sliding_policy`), in constant memory; layers of
+    other kinds (linear attention, Mamba, chunked attention) stay in
+    transformers' own layer classes, untouched. Without ``config`` every
+    layer is a full-attention one, and the ``"kvcomp"`` attention refuses a
+    sliding-window layer rather than attend past its window.
+
     Its pools grow with the sequences (a short prompt costs what it holds).
     ``max_tokens``: an optional cap on the cold tier per sequence and layer
     (the hot tier under ``full()``); exceeding it raises
     :class:`kvcomp.CacheFullError`. None (default): no cap, like DynamicCache.
     """
 
-    def __init__(self, policy: Optional[Policy] = None, max_tokens: Optional[int] = None):
+    def __init__(self, policy=None, max_tokens: Optional[int] = None, config=None):
         from .. import policies
-        self.policy = policy if policy is not None else policies.full()
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
         self.max_tokens = max_tokens
-        super().__init__(layer_class_to_replicate=lambda: KVCompLayer(self))
+        policy = policies.full() if policy is None else policy
+        self._policies = policy if isinstance(policy, (list, tuple)) else None
+        self._policy_fn = policy if callable(policy) and not isinstance(policy, Policy) else None
+        # one Policy for all layers (None when they differ)
+        self.policy = policy if isinstance(policy, Policy) else None
+        if self.policy is None and self._policies is None and self._policy_fn is None:
+            raise TypeError(f"policy must be a kvcomp.Policy, a list of them or a function (layer_idx, "
+                            f"layer_type) -> Policy, got {type(policy).__name__}")
+        if config is None:
+            super().__init__(layer_class_to_replicate=lambda: self._layer(len(self.layers), "full_attention", {}))
+            return
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if self._policies is not None and len(self._policies) != len(types):
+            raise ValueError(f"policy: a list of {len(self._policies)} policies for a model of {len(types)} layers")
+        layers = [self._layer(i, t, kw) if t in ("full_attention", "sliding_attention")
+                  else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw) for i, (t, kw) in enumerate(zip(types, kwargs))]
+        super().__init__(layers=layers)
+
+    def policy_of(self, layer_idx: int, layer_type: str = "full_attention") -> Policy:
+        """The policy the user gave layer ``layer_idx``."""
+        if self.policy is not None:
+            return self.policy
+        if self._policies is not None:
+            if layer_idx >= len(self._policies):
+                raise ValueError(f"policy: a list of {len(self._policies)} policies, but the model has a layer "
+                                 f"{layer_idx}")
+            p = self._policies[layer_idx]
+        else:
+            p = self._policy_fn(layer_idx, layer_type)
+        if not isinstance(p, Policy):
+            raise TypeError(f"policy for layer {layer_idx} must be a kvcomp.Policy, got {type(p).__name__}")
+        return p
+
+    def _layer(self, i: int, layer_type: str, kwargs: dict) -> KVCompLayer:
+        window = kwargs.get("sliding_window") if layer_type == "sliding_attention" else None
+        return KVCompLayer(self, self.policy_of(i, layer_type), window)
 
     def stats(self) -> dict:
         """Sum of every layer's :meth:`kvcomp.PagedKVCache.stats` (tokens per layer)."""
@@ -208,14 +282,19 @@ class KVCompCache(Cache):
         from ..kvc_file import cache_entry, write
         layers, tensors = [], {}
         for i, layer in enumerate(self.layers):
+            if not isinstance(layer, KVCompLayer):
+                raise ValueError(f"layer {i} is a {type(layer).__name__}, kept in transformers' own cache: a .kvc "
+                                 f"file holds attention layers only")
             entry = None
             if layer.is_initialized:
                 entry, t = cache_entry(layer.cache, prefix=f"layers.{i}.")
                 tensors.update(t)
-            layers.append({"batch_size": layer.batch_size if layer.is_initialized else 0, "native": layer.native,
+            layers.append({"policy": dataclasses.asdict(layer.policy), "sliding_window": layer.sliding_window,
+                           "batch_size": layer.batch_size if layer.is_initialized else 0, "native": layer.native,
                            "pending_evict": layer.pending_evict, "cache": entry})
-        write(path, "hf.KVCompCache", {"policy": dataclasses.asdict(self.policy), "max_tokens": self.max_tokens,
-                                       "layers": layers}, tensors, key=key, encrypt_key=encrypt_key)
+        body = {"policy": None if self.policy is None else dataclasses.asdict(self.policy),
+                "max_tokens": self.max_tokens, "layers": layers}
+        write(path, "hf.KVCompCache", body, tensors, key=key, encrypt_key=encrypt_key)
 
     @classmethod
     def load(cls, path, device: "torch.device | str" = "cpu", config=None, *, key: Optional[bytes] = None,
@@ -232,7 +311,8 @@ class KVCompCache(Cache):
         t0 = time.perf_counter()
         plans, names = [], set()
         with kvc_file.malformed(path):
-            policy = check_policy(field(header, "policy", ""))
+            common = field(header, "policy", "")
+            common = None if common is None else check_policy(common)
             per_seq = field(header, "max_tokens", "")
             if per_seq is not None:
                 integer(per_seq, "max_tokens", 1)
@@ -248,8 +328,17 @@ class KVCompCache(Cache):
                 heads = cfg.num_attention_heads
                 expect.update(num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                               head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+            out = cls(policy=common or [], max_tokens=per_seq)
             for i, e in enumerate(entries):
                 where = f"layers[{i}]"
+                mine = field(e, "policy", where) if common is None or "policy" in e else None  # version 1: none
+                policy = common if mine is None else check_policy(mine, f"{where}.policy")
+                if common is not None and policy != common:
+                    raise Invalid(f"{where}.policy", "differs from the cache's policy")
+                window = e.get("sliding_window") if isinstance(e, dict) else None
+                if window is not None:
+                    integer(window, f"{where}.sliding_window", 1, 1 << 30)
+                layer = KVCompLayer(out, policy, window)
                 b = integer(field(e, "batch_size", where), f"{where}.batch_size", 0, 1 << 20)
                 flags = [field(e, k, where) for k in ("native", "pending_evict")]
                 if any(type(f) is not bool for f in flags):
@@ -260,17 +349,16 @@ class KVCompCache(Cache):
                 if b:
                     plan = check_cache(e["cache"], tensors, f"layers.{i}.", expect)
                     cap = None if per_seq is None else per_seq * b
-                    if plan.policy != policy or [s for s, _ in plan.sequences] != list(range(b)) or \
-                            plan.max_tokens != cap:
+                    if plan.policy != layer.stored_policy(plan.dtype) or \
+                            [s for s, _ in plan.sequences] != list(range(b)) or plan.max_tokens != cap:
                         raise Invalid(f"{where}.cache", f"must hold the batch rows 0..{b - 1} under the "
-                                                        f"cache's policy and max_tokens")
+                                                        f"layer's policy and the cache's max_tokens")
                     names |= plan.names
-                plans.append((plan, flags))
+                plans.append((layer, plan, flags))
         kvc_file.unused_tensors(tensors, names, path)
         t1 = time.perf_counter()
-        out = cls(policy=policy, max_tokens=per_seq)
-        for plan, (native, pending_evict) in plans:
-            layer = KVCompLayer(out)
+        out._policies = None if common is not None else [layer.policy for layer, _, _ in plans]
+        for layer, plan, (native, pending_evict) in plans:
             if plan is not None:
                 layer.restore(kvc_file.build(plan, device), native, pending_evict)
             out.layers.append(layer)
@@ -287,6 +375,14 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     layer: KVCompLayer = tag.layer
+    window = kwargs.get("sliding_window")
+    if window is not None and window != layer.sliding_window:
+        raise ValueError(f"this attention layer has a sliding window of {window} tokens, its KVCompCache layer "
+                         f"{'none' if layer.sliding_window is None else layer.sliding_window}: build the cache "
+                         f"with the model's config, KVCompCache(policy, config=model.config)")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux, gpt-oss) are not supported by the \"kvcomp\" attention; "
+                                  "load the model with attn_implementation=\"eager\"")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     b, _, q, _ = query.shape
     if layer.native and q == 1:
@@ -308,11 +404,20 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> torch.Tensor:
     """[batch, 1, q, kv_len] bool: every held token (right-aligned before the
-    chunk) is visible; within the chunk, the model's mask (causal + padding)."""
+    chunk) is visible, in a sliding-window layer only those within the
+    window of each query; within the chunk, the model's mask (causal +
+    padding, and its window)."""
     b, prev = tag.held.shape[0], kv_len - q
     mask = torch.zeros(b, 1, q, kv_len, dtype=torch.bool, device=device)
     cols = torch.arange(prev, device=device)
     mask[..., :prev] = (cols >= prev - tag.held.to(device)[:, None])[:, None, None, :]
+    window = tag.layer.sliding_window
+    if window is not None:
+        for i in range(b):
+            pos = tag.positions[i][0].to(device)  # a ring: every KV head holds the same positions
+            first = tag.layer.cache.seq_len(i) - q  # the chunk's first position
+            queries = torch.arange(first, first + q, device=device)
+            mask[i, 0, :, prev - pos.numel():prev] &= queries[:, None] - pos[None, :] < window
     if attention_mask is None:
         chunk = torch.ones(q, q, dtype=torch.bool, device=device).tril()
     else:
