@@ -115,6 +115,37 @@ def test_memory_from_config_json(tmp_path):
     assert len(data["policies"]) == len(policies.PRESETS)
 
 
+def test_memory_hybrid_config_counts_sliding_layers_at_their_window(tmp_path):
+    """A Gemma-3-like config: 5 of every 6 layers slide over 1,024 tokens."""
+    pytest.importorskip("transformers")
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 4
+    cfg = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 8,
+           "num_hidden_layers": 24, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262144,
+           "sliding_window": 1024, "layer_types": types}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    data = _memory(tmp_path, "--model", str(tmp_path), "--formats", "fp16,int8", "--seq-len", "32768")
+    assert data["model"]["layer_types"] == types and data["model"]["sliding_window"] == 1024
+    fp16, int8 = data["formats"]
+    per_layer = 4 * kvcomp.KVFormat.parse("fp16").bytes_per_token(256, 16)  # 4 KV heads, padding included
+    assert fp16["bytes_per_token_at_seq_len"] == pytest.approx(per_layer * (4 + 20 * 1024 / 32768))
+    assert fp16["bytes_per_token"] == 4 * per_layer  # a token more costs the full-attention layers only
+    rows = {r["policy"]: r for r in data["policies"]}
+    want = policies.int8().bytes_per_token(24, 4, 256, 32768, layer_types=types, sliding_window=1024)
+    assert rows["int8"]["bytes_per_token_at_seq_len"] == pytest.approx(want)
+    assert rows["full"]["bytes_per_token_at_seq_len"] == pytest.approx(fp16["bytes_per_token_at_seq_len"])
+    assert rows["int8"]["compression_vs_fp16"] > 1.8  # int8's ratio on every kind of layer
+
+
+def test_policy_bytes_per_token_per_layer_type():
+    types = ["sliding_attention", "full_attention", "linear_attention"]
+    full = policies.full().bytes_per_token(3, 2, 64, 4096, torch.float16, layer_types=types, sliding_window=512)
+    assert full == pytest.approx(2 * 2 * 64 * 2 * (1 + 512 / 4096))  # the linear layer holds nothing here
+    with pytest.raises(ValueError, match="sliding_window"):
+        policies.int8().bytes_per_token(3, 2, 64, 4096, layer_types=types)
+    with pytest.raises(ValueError, match="3 entries for 2 layers"):
+        policies.int8().bytes_per_token(2, 2, 64, 4096, layer_types=types, sliding_window=8)
+
+
 def _run_ops(tmp_path, *argv) -> dict:
     out = tmp_path / "ops.json"
     assert cli.main(["ops", "--quick", "--json", str(out), *TINY, *argv]) == 0  # argv wins over TINY

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from kvcomp import Policy, policies as P  # noqa: E402
-from kvcomp.integrations.hf import KVCompCache, KVCompLayer, sliding_policy  # noqa: E402
+from kvcomp.integrations.hf import KVCompCache, KVCompLayer  # noqa: E402
 
 W = 16        # sliding window
 PROMPT = 40
@@ -36,6 +36,9 @@ def family(name: str):
         return T.Cohere2Config(**COMMON, sliding_window=W, layer_types=mixed), T.Cohere2ForCausalLM, "sdpa"
     if name == "gemma2":   # logit soft-capping: eager attention only
         return T.Gemma2Config(**COMMON, sliding_window=W, layer_types=mixed), T.Gemma2ForCausalLM, "eager"
+    if name == "gpt-oss":  # attention sinks (s_aux): eager attention only
+        return T.GptOssConfig(**COMMON, sliding_window=W, layer_types=mixed, num_local_experts=2,
+                              num_experts_per_tok=1), T.GptOssForCausalLM, "eager"
     raise KeyError(name)
 
 
@@ -81,10 +84,11 @@ def test_full_matches_dynamic_cache_past_the_window(name):
     assert all(h == [W] * len(h) for h in held)  # the ring: exactly the window, every step
 
 
-def test_eager_attention_over_the_ring_matches_too():
-    """Gemma 2 (soft-capped logits) runs its own eager attention over the
-    dequantized ring with its own sliding mask."""
-    model, cfg, attn = model_of("gemma2")
+@pytest.mark.parametrize("name", ["gemma2", "gpt-oss"])
+def test_eager_attention_over_the_ring_matches_too(name):
+    """Gemma 2 (soft-capped logits) and gpt-oss (attention sinks) run their
+    own eager attention over the dequantized ring with their sliding mask."""
+    model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     tokens = []
     ref, _ = decode(model, DynamicCache(config=cfg), attn, ids, tokens)
@@ -115,12 +119,20 @@ def test_without_config_the_kvcomp_attention_refuses_a_sliding_layer():
             model(torch.randint(0, 128, (1, 8)), past_key_values=KVCompCache(policy=P.int8()), use_cache=True)
 
 
+def test_the_kvcomp_attention_refuses_attention_sinks():
+    model, cfg, _ = model_of("gpt-oss")
+    model.set_attn_implementation("kvcomp")
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 8)), past_key_values=KVCompCache(policy=P.full(), config=cfg))
+
+
 def test_sliding_policy():
-    assert sliding_policy(P.full(), 512, torch.float32).cold_format == "fp32"
-    kivi = sliding_policy(P.kivi2(), 512, torch.float16)
+    assert P.full().sliding(512, torch.float32).cold_format == "fp32"
+    kivi = P.kivi2().sliding(512, torch.float16)
     assert (kivi.cold_format, kivi.hot_window, kivi.eviction, kivi.window, kivi.sinks) == \
         ("int2", 0, "streaming", 512, 0)
-    assert sliding_policy(P.combined(), 100, torch.float16).eviction == "streaming"
+    assert P.combined().sliding(100, torch.float16).eviction == "streaming"
 
 
 def test_per_layer_policies():

@@ -20,6 +20,7 @@ EVICTIONS = (None, "h2o", "streaming")
 BLOCK_SIZES = (16, 32, 64, 128)
 HOT_FORMATS = ("fp16", "bf16", "fp32")
 WIPES = ("on_free", "on_reuse")
+_PER_TOKEN = {"int8c": "int8", "int4c": "int4", "int2c": "int2"}  # per-channel kinds' per-token kinds
 
 
 @dataclass(frozen=True)
@@ -203,16 +204,52 @@ class Policy:
         return self.hot_window == 0 and not self.format.per_channel
 
     def bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
-                        dtype=None) -> float:
+                        dtype=None, *, layer_types=None, sliding_window: Optional[int] = None) -> float:
         """Expected pool bytes per token of context for a sequence of ``seq_len``
         tokens: both tiers, whole blocks, eviction included, all layers and KV
-        heads. ``full()`` on Llama-3-8B in fp16 gives exactly 131072."""
+        heads. ``full()`` on Llama-3-8B in fp16 gives exactly 131072.
+        ``layer_types`` (a hybrid model's ``config.layer_types``, one per
+        layer): "sliding_attention" layers store :meth:`sliding` rings of
+        ``sliding_window`` tokens, "full_attention" layers this policy, and
+        other kinds (linear attention, Mamba: kept in transformers' own
+        cache) nothing."""
+        if layer_types is not None:
+            if len(layer_types) != num_layers:
+                raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+            full = sum(t == "full_attention" for t in layer_types)
+            sliding = sum(t == "sliding_attention" for t in layer_types)
+            if sliding and not (_is_int(sliding_window) and sliding_window > 0):
+                raise ValueError(f"sliding_attention layers need sliding_window, an int > 0, got {sliding_window!r}")
+            total = full * self.bytes_per_token(1, num_kv_heads, head_dim, seq_len, dtype)
+            if sliding:
+                total += sliding * self.sliding(sliding_window, dtype).bytes_per_token(1, num_kv_heads, head_dim,
+                                                                                        seq_len, dtype)
+            return total
         hot, cold = self.plan(seq_len)
         bs = self.block_size
         hot_tile = KVFormat.parse(self.resolved_hot_format(dtype)).tile_bytes(head_dim, bs)
         cold_tile = self.format.tile_bytes(head_dim, bs)
         per_layer_head = -(-hot // bs) * hot_tile + -(-cold // bs) * cold_tile
         return num_layers * num_kv_heads * per_layer_head / max(int(seq_len), 1)
+
+    def sliding(self, window: int, dtype=None) -> "Policy":
+        """What a sliding-window attention layer (of ``window`` tokens) stores
+        under this policy: a ring of exactly its ``window`` newest tokens
+        (StreamingLLM's ring without sinks: constant memory), written straight
+        into the ring in this policy's cold format (per-channel sides, which
+        the ring cannot rewrite token by token, in their per-token kind);
+        exact (``dtype``'s format) under ``full()``. No hot tier: a hot tier
+        shrinks by up to a block when it seals, so a ring behind it would
+        hold less than the window. Eviction inside a window has nothing to
+        choose."""
+        if self.hot_window is None:
+            fmt = self.resolved_hot_format(dtype)
+        else:
+            f = self.format
+            fmt = "/".join(_PER_TOKEN.get(side.spec, side.spec) for side in (f.k, f.v))
+        return Policy(cold_format=fmt, hot_window=0, eviction="streaming", sinks=0, window=window,
+                      block_size=self.block_size, hot_format=self.hot_format, wipe=self.wipe,
+                      name=f"{self.name}/sliding-{window}")
 
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)

@@ -16,7 +16,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import kvcomp
 from kvcomp.policies import PRESETS
@@ -33,6 +33,15 @@ class Model:
     num_kv_heads: int
     head_dim: int
     params: float  # parameter count, for the weights' footprint
+    layer_types: Optional[tuple] = None  # hybrid models: config.layer_types (None: every layer full attention)
+    sliding_window: Optional[int] = None
+
+    def counts(self) -> tuple[int, int]:
+        """(full-attention, sliding-window) layers; other kinds hold no KV here."""
+        if self.layer_types is None:
+            return self.num_layers, 0
+        return (sum(t == "full_attention" for t in self.layer_types),
+                sum(t == "sliding_attention" for t in self.layer_types))
 
 
 # Published geometries and parameter counts.
@@ -89,7 +98,30 @@ def load_model(spec: str) -> Model:
         head_dim = int(cfg.get("head_dim") or hidden // heads)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read model geometry from {path}: {type(e).__name__}: {e}") from None
-    return Model(str(path), layers, kv_heads, head_dim, estimate_params(cfg, head_dim, kv_heads))
+    types, window = _layer_types(path, cfg, layers)
+    return Model(str(path), layers, kv_heads, head_dim, estimate_params(cfg, head_dim, kv_heads), types, window)
+
+
+def _layer_types(path: Path, cfg: dict, layers: int) -> tuple[Optional[tuple], Optional[int]]:
+    """Each layer's kind and the sliding window, as transformers reads them
+    (``DynamicCache(config=...)``'s rule: layer_types, or sliding_window,
+    use_sliding_window/max_window_layers per family); from the JSON alone
+    (layer_types, else sliding_window on every layer) where transformers is
+    not installed or does not know the config's model_type."""
+    try:
+        from transformers import AutoConfig
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types, kwargs = get_layer_types_and_kwargs(AutoConfig.from_pretrained(path.parent).get_text_config(
+            decoder=True))
+        windows = {kw["sliding_window"] for t, kw in zip(types, kwargs) if t == "sliding_attention"}
+    except (ImportError, OSError, ValueError, KeyError):
+        types = cfg.get("layer_types") or (["sliding_attention"] * layers if cfg.get("sliding_window") else None)
+        windows = {cfg.get("sliding_window")} if types and "sliding_attention" in types else set()
+    if types is None or set(types) == {"full_attention"}:
+        return None, None
+    if len(windows) > 1:
+        raise ValueError(f"{path}: sliding layers with different windows {sorted(windows)} are not supported")
+    return tuple(types), next(iter(windows), None)
 
 
 def estimate_params(cfg: dict, head_dim: int, kv_heads: int) -> float:
@@ -142,23 +174,29 @@ def _parse_format(spec: str, model: Model, block_size: int):
 
 def _format_seq_bytes(model: Model, fmt, block_size: int, seq_len: int) -> int:
     """Pool bytes of one sequence: whole blocks, all layers and KV heads
-    (the sum Policy.bytes_per_token makes, so full() matches fp16 exactly)."""
-    return model.num_layers * model.num_kv_heads * (-(-seq_len // block_size)
-                                                    * fmt.tile_bytes(model.head_dim, block_size))
+    (the sum Policy.bytes_per_token makes, so full() matches fp16 exactly);
+    a sliding layer holds at most its window."""
+    full, sliding = model.counts()
+    blocks = lambda n: -(-n // block_size)
+    held = full * blocks(seq_len) + sliding * blocks(min(seq_len, model.sliding_window or 0))
+    return model.num_kv_heads * held * fmt.tile_bytes(model.head_dim, block_size)
 
 
 def _format_row(spec, fmt, model: Model, bs: int, seq_len: int, free: float, fp16_seq: int) -> dict:
     seq = _format_seq_bytes(model, fmt, bs, seq_len)
-    block = _format_seq_bytes(model, fmt, bs, bs)
+    footprint = lambda n: _format_seq_bytes(model, fmt, bs, n)
+    full, _ = model.counts()
     return {"spec": spec, "format": fmt.name, "block_size": bs,
-            "bytes_per_token": model.num_layers * model.num_kv_heads * fmt.bytes_per_token(model.head_dim, bs),
+            "bytes_per_token": full * model.num_kv_heads * fmt.bytes_per_token(model.head_dim, bs),
             "bytes_per_token_at_seq_len": seq / seq_len, "compression_vs_fp16": fp16_seq / seq,
-            "max_context": int(free // block) * bs, "max_batch": int(free // seq)}
+            "max_context": largest_fitting(footprint, free, bs, int(free / max(seq / seq_len, 1e-9))) if full
+            else None, "max_batch": int(free // seq)}
 
 
 def _policy_row(policy, model: Model, seq_len: int, free: float, fp16_seq: int) -> dict:
     def footprint(n: int) -> int:  # pool bytes of one sequence of n tokens
-        return round(policy.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, n) * n)
+        return round(policy.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, n,
+                                            layer_types=model.layer_types, sliding_window=model.sliding_window) * n)
 
     seq = footprint(seq_len)
     row = {"policy": policy.name, "cold_format": policy.cold_format, "hot_window": policy.hot_window,
@@ -166,6 +204,10 @@ def _policy_row(policy, model: Model, seq_len: int, free: float, fp16_seq: int) 
            "bytes_per_token_at_seq_len": seq / seq_len, "compression_vs_fp16": fp16_seq / seq,
            "max_batch": int(free // seq), "max_context": None, "note": None}
     end = _saturation(policy)
+    if end is not None and model.sliding_window:
+        end = max(end, model.sliding_window + policy.block_size)
+    if model.counts()[0] == 0:  # only sliding layers: constant past the window
+        end = model.sliding_window + policy.block_size
     if end is not None:
         # Past `end` tokens the footprint only cycles with this period (the hot
         # tier's partial block; h2o's eviction points): its peak is what must fit.
@@ -234,7 +276,12 @@ def _num(x: float) -> str:
 def _print(result: dict, model: Model, args) -> None:
     seq_len, free = result["seq_len"], result["cache_bytes_available"]
     at = f"@ {seq_len // 1024}k" if seq_len % 1024 == 0 else f"@ {seq_len}"
-    where = (f"{model.name}: {model.num_layers} layers x {model.num_kv_heads} KV heads x head_dim "
+    full, sliding = model.counts()
+    kinds = f"{model.num_layers} layers" if model.layer_types is None else \
+        (f"{model.num_layers} layers ({full} full attention, {sliding} sliding over {model.sliding_window} tokens"
+         + (f", {model.num_layers - full - sliding} of other kinds" if full + sliding < model.num_layers else "")
+         + ")")
+    where = (f"{model.name}: {kinds} x {model.num_kv_heads} KV heads x head_dim "
              f"{model.head_dim}; {args.gpu_memory / 1e9:.1f} GB - {result['weight_bytes'] / 1e9:.1f} GB "
              f"weights = {free / 1e9:.1f} GB for the cache")
     rows = [dict(r, label=r["spec"] if r["spec"] == r["format"] else f"{r['spec']} ({r['format']})")

@@ -31,7 +31,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
 from ..cache import PagedKVCache
-from ..formats import KVFormat
 from ..policy import Policy
 
 __all__ = ["BlindEvictionError", "KVCompCache", "kvcomp_attention"]
@@ -51,32 +50,10 @@ class _Tagged:
         self.positions = positions  # per row: [kv_heads, held] positions of the dequantized columns
 
 
-_PER_TOKEN = {"int8c": "int8", "int4c": "int4", "int2c": "int2"}
-
-
-def sliding_policy(policy: Policy, window: int, dtype: torch.dtype) -> Policy:
-    """What a sliding-window layer stores under ``policy``: a ring of exactly
-    its ``window`` newest tokens (StreamingLLM's ring without sinks: constant
-    memory), written straight into the ring in the policy's cold format
-    (per-channel sides, which the ring cannot rewrite token by token, in
-    their per-token kind); exact (the cache dtype) under ``full()``. No hot
-    tier: a hot tier shrinks by up to a block when it seals, so a ring behind
-    it would hold less than the window. Eviction inside a window has nothing
-    to choose."""
-    if policy.hot_window is None:
-        fmt = policy.resolved_hot_format(dtype)
-    else:
-        f = KVFormat.parse(policy.cold_format)
-        fmt = "/".join(_PER_TOKEN.get(side.spec, side.spec) for side in (f.k, f.v))
-    return Policy(cold_format=fmt, hot_window=0, eviction="streaming", sinks=0, window=window,
-                  block_size=policy.block_size, hot_format=policy.hot_format, wipe=policy.wipe,
-                  name=f"{policy.name}/sliding-{window}")
-
-
 class KVCompLayer(CacheLayerMixin):
     """One model layer: a single-layer PagedKVCache whose sequences are the
     batch rows 0..batch-1. A sliding-window layer (``sliding_window``) holds
-    a ring of its window (:func:`sliding_policy`)."""
+    a ring of its window (:meth:`kvcomp.Policy.sliding`)."""
 
     is_compileable = False
     is_croppable = False
@@ -91,7 +68,7 @@ class KVCompLayer(CacheLayerMixin):
 
     def stored_policy(self, dtype: torch.dtype) -> Policy:
         """The policy of this layer's PagedKVCache."""
-        return self.policy if self.sliding_window is None else sliding_policy(self.policy, self.sliding_window, dtype)
+        return self.policy if self.sliding_window is None else self.policy.sliding(self.sliding_window, dtype)
 
     # transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -209,7 +186,7 @@ class KVCompCache(Cache):
     ``config.layer_types``: "full_attention", "sliding_attention").
     ``config`` (the model's config) tells each layer's kind, as
     ``DynamicCache(config=...)`` does: sliding-window layers hold a ring of
-    their window (:func:`sliding_policy`), in constant memory; layers of
+    their window (:meth:`kvcomp.Policy.sliding`), in constant memory; layers of
     other kinds (linear attention, Mamba, chunked attention) stay in
     transformers' own layer classes, untouched. Without ``config`` every
     layer is a full-attention one, and the ``"kvcomp"`` attention refuses a
