@@ -15,6 +15,7 @@ import time
 import torch
 
 import kvcomp
+from kvcomp.bench.evaluate import cache_arg
 from kvcomp.integrations.hf import KVCompCache
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 do_sample=False, past_key_values=cache, pad_token_id=0)
+                                 do_sample=False, pad_token_id=0, **cache_arg(model, cache))
         dt = time.perf_counter() - t
         s = cache.stats()
         per_token = s["bytes"] / s["tokens"]
