@@ -246,3 +246,78 @@ def test_streaming_needs_no_scores(batch, attn):
     model = _llama().eval()
     out = _generate(model, batch, attn, KVCompCache(policy=policies.streaming_llm(sinks=4, window=60)), new=4)
     assert out.shape[1] == batch[0].shape[1] + 4
+
+
+@pytest.mark.parametrize("attn", ["eager", "kvcomp"])
+def test_beam_search_matches_dynamic_cache(batch, attn):
+    """reorder_cache copies rows (PagedKVCache.fork): beam search under full()
+    gives DynamicCache's beams, and a compressed policy runs it too."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids, mask = batch[0][:, :60], batch[1][:, :60]
+
+    def beams(cache, implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                                  num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0,
+                                  past_key_values=cache)
+    want = beams(DynamicCache(), "eager")
+    assert torch.equal(beams(KVCompCache(policy=policies.full()), attn), want)
+    cache = KVCompCache(policy=policies.int8())
+    assert beams(cache, attn).shape == want.shape and cache.layers[0].cache.sequences == list(range(6))
+
+
+def test_fork_copies_a_sequence():
+    c = kvcomp.PagedKVCache(2, 2, 64, policies.int4(hot_window=16), max_tokens=512, dtype=torch.float32)
+    c.add_sequence("a")
+    for l in range(2):
+        c.append(l, ["a"], torch.randn(1, 70, 2, 64), torch.randn(1, 70, 2, 64))
+    c.fork("a", "b")
+    q = torch.randn(1, 4, 64)
+    assert torch.equal(c.attend(0, ["a"], q), c.attend(0, ["b"], q))
+    c.append(0, ["b"], torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64))  # b diverges, a stays
+    assert (c.seq_len("a"), c.seq_len("b")) == (70, 75)
+    c.free("a")
+    c.rename("b", "a")
+    assert c.sequences == ["a"] and c.seq_len("a") == 75
+    with pytest.raises(ValueError, match="already exists"):
+        c.fork("a", "a")
+
+
+@pytest.mark.parametrize("attn", ["eager", "kvcomp"])
+def test_assisted_decoding_matches_dynamic_cache(attn):
+    """crop (PagedKVCache.truncate) rolls rejected draft tokens back."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    torch.manual_seed(1)
+    draft = _llama().eval()  # another random model: it proposes tokens the target often rejects
+    ids = torch.randint(3, 512, (1, 50), generator=torch.Generator().manual_seed(2))
+
+    def assisted(cache, implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                  assistant_model=draft, pad_token_id=0, past_key_values=cache)
+    want = assisted(DynamicCache(), "eager")
+    assert torch.equal(assisted(KVCompCache(policy=policies.full()), attn), want)
+    assert assisted(KVCompCache(policy=policies.int8()), attn).shape == want.shape
+
+
+def test_truncate_rolls_a_sequence_back():
+    """Exact tiers (fp32 cold) make the rolled-back cache equal to one that
+    never saw the rest; a quantized cold tier keeps its codes (not re-exact)."""
+    policy = kvcomp.Policy(cold_format="fp32", hot_window=16)
+    c = kvcomp.PagedKVCache(1, 2, 64, policy, max_tokens=512, dtype=torch.float32)
+    c.add_sequence("a")
+    k, v = torch.randn(1, 90, 2, 64), torch.randn(1, 90, 2, 64)
+    c.append(0, ["a"], k, v)
+    c.truncate("a", 60)
+    hot, cold = c.positions("a")
+    assert sorted(torch.cat([hot, cold], 1)[0].tolist()) == list(range(60))
+    d = kvcomp.PagedKVCache(1, 2, 64, policy, max_tokens=512, dtype=torch.float32)
+    d.add_sequence("a")
+    d.append(0, ["a"], k[:, :60], v[:, :60])
+    assert (c.seq_len("a"), c.held("a")) == (60, 60)
+    q = torch.randn(1, 4, 64)
+    torch.testing.assert_close(c.attend(0, ["a"], q), d.attend(0, ["a"], q), rtol=1e-5, atol=1e-6)

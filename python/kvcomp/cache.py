@@ -232,6 +232,54 @@ class PagedKVCache:
         st = self._state(seq_id, layer)
         return st.hot.pos.clone(), st.cold.pos.clone()
 
+    def fork(self, src_id, dst_id) -> None:
+        """A new sequence ``dst_id`` holding a copy of ``src_id`` (every layer
+        and tier: blocks, positions, scores), as beam search and parallel
+        sampling need. The blocks are copied, not shared."""
+        layers = self._seqs[self._known(src_id)]
+        if dst_id in self._seqs:
+            raise ValueError(f"sequence {dst_id!r} already exists")
+        need = {(name, l): len(getattr(st, name).blocks) for l, st in enumerate(layers) for name in ("hot", "cold")}
+        for (name, l), n in need.items():  # check first: a failed fork changes nothing
+            alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[l]
+            if n > alloc.available:
+                raise CacheFullError(name, n * self.policy.block_size, alloc.available * self.policy.block_size)
+        copies = []
+        for l, st in enumerate(layers):
+            new = _Layer(self.num_kv_heads, self._scores_device)
+            new.seen = st.seen
+            for name in ("hot", "cold"):
+                src, dst = getattr(st, name), getattr(new, name)
+                alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[l]
+                dst.blocks = alloc.take(len(src.blocks))
+                if src.blocks:
+                    ids = lambda b: torch.tensor(b, dtype=torch.long, device=alloc.pool.device)
+                    alloc.pool[ids(dst.blocks)] = alloc.pool[ids(src.blocks)]
+                dst.pos = src.pos.clone()
+                dst.scores = None if src.scores is None else src.scores.clone()
+            copies.append(new)
+        self._seqs[dst_id] = copies
+
+    def truncate(self, seq_id, length: int) -> None:
+        """Rolls ``seq_id`` back to its first ``length`` tokens in every layer
+        (speculative and assisted decoding): positions from ``length`` on are
+        erased as :meth:`forget` does, and the next append continues at
+        ``length``."""
+        self._known(seq_id)
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f"length must be an int >= 0, got {length!r}")
+        self.forget(seq_id, length, max(st.seen for st in self._seqs[seq_id]))
+        for st in self._seqs[seq_id]:
+            st.seen = min(st.seen, length)
+
+    def rename(self, seq_id, new_id) -> None:
+        """Gives sequence ``seq_id`` the id ``new_id`` (it moves to the end of
+        :attr:`sequences`)."""
+        self._known(seq_id)
+        if new_id in self._seqs:
+            raise ValueError(f"sequence {new_id!r} already exists")
+        self._seqs[new_id] = self._seqs.pop(seq_id)
+
     def free(self, seq_id) -> None:
         """Returns every block of ``seq_id`` (zeroed per ``policy.wipe``) and
         forgets the sequence."""

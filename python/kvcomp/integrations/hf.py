@@ -56,12 +56,12 @@ class KVCompLayer(CacheLayerMixin):
     a ring of its window (:meth:`kvcomp.Policy.sliding`)."""
 
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, owner: "KVCompCache", policy: Policy, sliding_window: Optional[int] = None):
         super().__init__()
         self.owner, self.policy, self.sliding_window = owner, policy, sliding_window
         self.is_sliding = sliding_window is not None
+        self.is_croppable = not self.is_sliding  # a ring forgets what a rollback would need
         self.cache: Optional[PagedKVCache] = None
         self.native = False  # set once "kvcomp" attention has run: decode skips the dequantized copy
         self.pending_evict = False  # an H2O prompt chunk awaits its scores before eviction
@@ -129,8 +129,35 @@ class KVCompLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.cache, self.native, self.is_initialized, self.pending_evict = None, False, False, False
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted decoding: drops the newest ``-tokens_to_remove`` tokens
+        (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if self.is_sliding:
+            raise NotImplementedError("a sliding-window layer's ring cannot roll back (crop)")
+        length = max(0, self.get_seq_length() + tokens_to_remove)
+        for i in range(self.batch_size):
+            self.cache.truncate(i, length)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVCompCache does not support beam search (reorder_cache)")
+        """Beam search: row i becomes a copy of row beam_idx[i] (copied blocks)."""
+        if not self.is_initialized:
+            return
+        order = [int(i) for i in beam_idx.tolist()]
+        if len(order) != self.batch_size or not all(0 <= i < self.batch_size for i in order):
+            raise ValueError(f"beam_idx must be {self.batch_size} rows in [0, {self.batch_size}), got {order}")
+        if order == list(range(self.batch_size)):
+            return
+        c = self.cache
+        for i, src in enumerate(order):
+            c.fork(src, ("beam", i))
+        for i in range(self.batch_size):
+            c.free(i)
+        for i in range(self.batch_size):
+            c.rename(("beam", i), i)
 
     def offload(self):
         pass
