@@ -170,3 +170,24 @@ def test_errors_found_after_parsing_exit_2(tiny_model, text, tmp_path, capsys):
     for args, message in cases:
         assert cli.main(["accuracy", *args, "--plain"]) == 2, args
         assert message in capsys.readouterr().err, args
+
+
+def test_generate_against_dynamic_cache(tiny_model, text, tmp_path):
+    """kvcomp-bench generate: a row per cache and length, ratios against
+    DynamicCache at the same length, bytes held from the cache itself."""
+    out, png = tmp_path / "gen.json", tmp_path / "gen.png"
+    rc = cli.main(["generate", "--model", str(tiny_model), "--policies", "full,int8", "--peers", "", "--lengths",
+                   "64,128", "--new-tokens", "4", "--text", str(text), "--plain", "--json", str(out),
+                   "--plot", str(png)])
+    assert rc == 0 and png.stat().st_size > 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cache"], r["length"]) for r in rows] == \
+        [(c, n) for n in (64, 128) for c in ("dynamic", "kvcomp:full", "kvcomp:int8")]
+    for n in (64, 128):
+        dc, full, int8 = (r for r in rows if r["length"] == n)
+        assert dc["prefill_x"] == dc["decode_x"] == dc["bytes_x"] == 1.0
+        per_token = 4 * 2 * 2 * 1 * 64  # fp32 x K,V x layers x KV heads x head_dim
+        assert dc["held_bytes"] == per_token * (n + 4)
+        assert full["held_bytes"] == per_token * -(-(n + 4) // 16) * 16  # whole blocks of 16
+        assert int8["bytes_x"] > 3  # 1 byte + an fp16 scale per row of 64, against 4 bytes
+    assert cli.main(["generate", "--model", str(tiny_model), "--policies", "int9", "--text", str(text)]) == 2

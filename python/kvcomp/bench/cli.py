@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import accuracy, files_bench, memory_bench, ops_bench
+from . import accuracy, files_bench, generate_bench, memory_bench, ops_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and encrypting cost", description=files_bench.__doc__)
     files_bench.add_arguments(files_p)
     files_p.set_defaults(run=files_bench.run)
+    gen_p = sub.add_parser("generate", parents=[common], help="end-to-end generation per cache: prefill, decode "
+                           "tokens/s, bytes and memory, against DynamicCache", description=generate_bench.__doc__)
+    generate_bench.add_arguments(gen_p)
+    gen_p.set_defaults(run=generate_bench.run)
     return parser
 
 

@@ -393,8 +393,11 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale)
         return out[:, None], None
     mask = _prefill_mask(tag, attention_mask, key.shape[2], q, query.device)
-    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
-                                    is_causal=False, **kwargs)
+    # A first chunk with no padding (and no window inside it) is plain causal:
+    # SDPA's is_causal path, not an explicit mask (its slower kernel).
+    causal = key.shape[2] == q and bool(torch.equal(mask[:, 0], _tril(q, query.device).expand(b, q, q)))
+    out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
+                                    scaling=scale, is_causal=causal, **kwargs)
     if layer.pending_evict:
         observe = layer.cache.policy.observe
         _accumulate_prefill_scores(tag, query, key, mask, scale, observe)
@@ -404,6 +407,10 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
+
+
+def _tril(n: int, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
 def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> torch.Tensor:
@@ -423,7 +430,7 @@ def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> 
             queries = torch.arange(first, first + q, device=device)
             mask[i, 0, :, prev - pos.numel():prev] &= queries[:, None] - pos[None, :] < window
     if attention_mask is None:
-        chunk = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        chunk = _tril(q, device)
     else:
         am = attention_mask[..., -q:]
         chunk = am if am.dtype == torch.bool else am == 0
