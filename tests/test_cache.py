@@ -1122,3 +1122,48 @@ def test_cache_random_operations(policy, dtype, actions, seed):
             r.forget(arg, start, start + length)
         r.check_all()
         r.attend(["a", "b"], 0)
+
+
+# ============================================== long appends straight to the cold tier
+DIRECT_SEAL = [(P.int4(), F16), (P.int8(hot_window=32), BF16), (P.int3(), F32), (P.fp8(hot_window=16), F16),
+               (P.h2o(budget=64, hot_window=32), F32), (P.combined(), F16), (P.kivi2(), F16),
+               (P.int4(hot_format="fp16"), F32)]
+
+
+@pytest.mark.parametrize("policy,dtype", DIRECT_SEAL, ids=lambda x: getattr(x, "name", str(x)))
+def test_long_appends_straight_to_cold_match_the_hot_tier_path(policy, dtype, monkeypatch):
+    """_write_sealed_directly (a long append's tokens quantized straight into
+    the cold tier) leaves the cache byte for byte as the hot write + seal
+    path does: same tiers, positions, scores, cold-tier bytes, attention."""
+    from helpers import held_stats, used_bytes
+
+    direct = []
+
+    def run(shortcut: bool):
+        c = PagedKVCache(2, 2, 64, policy, max_tokens=4096, dtype=dtype)
+        if shortcut:
+            real = c._write_sealed_directly
+            monkeypatch.setattr(c, "_write_sealed_directly", lambda *a: direct.append(real(*a)) or direct[-1])
+        else:
+            monkeypatch.setattr(c, "_write_sealed_directly", lambda *a: 0)
+        g = gen_from(7)
+        for s in ("a", "b"):
+            c.add_sequence(s)
+        for n in (5, 300, 1, 40, 200):  # uneven hot tiers, then long chunks
+            for l in range(2):
+                k, v = (heavy_tailed((2, n, 2, 64), g, torch.float32 if n == 40 else dtype) for _ in range(2))
+                c.append(l, ["a", "b"], k, v)
+                c.attend(l, ["a", "b"], torch.randn(2, 4, 64, generator=g).to(dtype))
+        return c
+    a, b = run(True), run(False)
+    eligible = not policy.format.per_channel and policy.hot_format in (None, {F32: "fp32", F16: "fp16"}.get(dtype))
+    assert any(direct) == eligible  # the shortcut was taken wherever it may be
+    assert held_stats(a) == held_stats(b)
+    for s in ("a", "b"):
+        for l in range(2):
+            for name in ("hot", "cold"):
+                ta, tb = getattr(a._seqs[s][l], name), getattr(b._seqs[s][l], name)
+                assert torch.equal(ta.pos, tb.pos) and (ta.scores is None or torch.equal(ta.scores, tb.scores))
+                assert torch.equal(used_bytes(a, s, l, name), used_bytes(b, s, l, name)), (s, l, name)
+    q = torch.randn(2, 4, 64).to(dtype)
+    assert torch.equal(a.attend(1, ["a", "b"], q), b.attend(1, ["a", "b"], q))

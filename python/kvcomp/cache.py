@@ -184,6 +184,10 @@ class PagedKVCache:
         limits = [KVFormat.parse(f).storable_max(head_dim) for f in (self.hot_format, self.cold_format)]
         self._storable_max = tuple(min(l[i] for l in limits) for i in (0, 1))
         self._direct = p._direct()
+        # A long append may write straight to the cold tier (_write_sealed_directly).
+        self._direct_seal = p.hot_window is not None and p.eviction != "streaming" and \
+            not KVFormat.parse(self.cold_format).per_channel and \
+            self.hot_format == p.replace(hot_format=None).resolved_hot_format(dtype)
         self._has_hot = not self._direct
         self._has_cold = p.hot_window is not None
         caps = tier_capacity(p)
@@ -315,7 +319,7 @@ class PagedKVCache:
         elif self._direct:
             self._write_cold(layer, states, key, value, [self._fresh(st, n) for st in states])
         else:
-            t = 0
+            t = self._write_sealed_directly(layer, states, key, value)
             while t < n:
                 m = min(n - t, self._hot_cap - max(st.hot.len for st in states))
                 self._write_hot(layer, states, key[:, t:t + m], value[:, t:t + m])
@@ -439,12 +443,54 @@ class PagedKVCache:
         slots[new_kept] = self._slots(cold.blocks, target[new_kept])
         return slots
 
-    def _seal(self, layer: int, states) -> None:
+    def _write_sealed_directly(self, layer: int, states, key, value) -> int:
+        """A long append to a tiered cache: the tokens the hot tier would only
+        pass on to the cold tier (``Policy.sealed`` of the whole append) are
+        quantized straight into it, instead of a write and a seal per hot
+        tier's worth (a 4k prompt: 50 of each per layer): the hot tier's full
+        blocks are sealed, its partial last block is read back (exactly: the
+        hot tier is raw) and quantized with the new tokens that complete it.
+        The same codes, since quantize_write and seal_blocks share the encoder
+        and the hot tier holds the input exactly; so only for per-token cold
+        formats, an exact hot tier, and sequences with equal hot tiers.
+        Returns the new tokens written (0: none; the caller's usual path)."""
+        p, bs, n = self.policy, self.policy.block_size, key.shape[1]
+        hot = {st.hot.len for st in states}
+        widened = key.dtype == value.dtype and (key.dtype == self.dtype or self.hot_format == "fp32")
+        if not self._direct_seal or not widened or len(hot) != 1:  # else the hot tier would round the input
+            return 0
+        hot = hot.pop()
+        direct = p.sealed(hot + n) - hot  # new tokens that end in the cold tier
+        if direct <= 0:
+            return 0
+        self._seal(layer, states, hot // bs)
+        r = hot % bs
+        ks, vs, pos, scores = [], [], [], []
+        for st in states:
+            k, v = self._read_blocks(self.hot_pools[layer], self.hot_format, st.hot.blocks[:1], r)
+            ks.append(k)
+            vs.append(v)
+            fresh = self._fresh(st, direct)
+            pos.append(torch.cat([st.hot.pos, fresh], 1))
+            if st.hot.scores is not None:
+                scores.append(torch.cat([st.hot.scores, torch.zeros(fresh.shape, device=st.hot.scores.device)], 1))
+            self._hot_alloc[layer].give_back(st.hot.blocks)  # the partial block, now read
+            st.hot.blocks = []
+            st.hot.select(torch.empty(self.num_kv_heads, 0, dtype=torch.long))
+        dev = lambda t: t.to(self.device, self.dtype if self.hot_format != "fp32" else torch.float32)
+        k = torch.cat([dev(torch.stack(ks)), dev(key[:, :direct])], 1)
+        v = torch.cat([dev(torch.stack(vs)), dev(value[:, :direct])], 1)
+        self._write_cold(layer, states, k, v, pos, scores or None)
+        return direct
+
+    def _seal(self, layer: int, states, blocks: Optional[int] = None) -> None:
         """Moves each sequence's oldest full hot blocks to the cold tier while
-        the hot tier holds more than hot_window: one seal_blocks call (or, for
-        the streaming ring, dequantize + quantize_write)."""
+        the hot tier holds more than hot_window (or exactly ``blocks`` of
+        them): one seal_blocks call (or, for the streaming ring, dequantize +
+        quantize_write)."""
         p, bs = self.policy, self.policy.block_size
-        moves = [(st, p.sealed(st.hot.len) // bs) for st in states if p.sealed(st.hot.len)]
+        count = (lambda st: p.sealed(st.hot.len) // bs) if blocks is None else (lambda st: blocks)
+        moves = [(st, count(st)) for st in states if count(st)]
         if not moves:
             return
         if p.eviction == "streaming":
