@@ -71,7 +71,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1) / b.norm(dim=-1)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "cohere2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "cohere2", "gpt-oss"])
 def test_full_matches_dynamic_cache_past_the_window(name):
     model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -86,8 +86,9 @@ def test_full_matches_dynamic_cache_past_the_window(name):
 
 @pytest.mark.parametrize("name", ["gemma2", "gpt-oss"])
 def test_eager_attention_over_the_ring_matches_too(name):
-    """Gemma 2 (soft-capped logits) and gpt-oss (attention sinks) run their
-    own eager attention over the dequantized ring with their sliding mask."""
+    """Gemma 2 (soft-capped logits, which the "kvcomp" attention lacks) and
+    gpt-oss (attention sinks) run their own eager attention over the
+    dequantized ring with their sliding mask."""
     model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     tokens = []
@@ -117,14 +118,6 @@ def test_without_config_the_kvcomp_attention_refuses_a_sliding_layer():
     with pytest.raises(ValueError, match=r"sliding window of 16 tokens.*config=model.config"):
         with torch.no_grad():
             model(torch.randint(0, 128, (1, 8)), past_key_values=KVCompCache(policy=P.int8()), use_cache=True)
-
-
-def test_the_kvcomp_attention_refuses_attention_sinks():
-    model, cfg, _ = model_of("gpt-oss")
-    model.set_attn_implementation("kvcomp")
-    with pytest.raises(NotImplementedError, match="attention sinks"):
-        with torch.no_grad():
-            model(torch.randint(0, 128, (1, 8)), past_key_values=KVCompCache(policy=P.full(), config=cfg))
 
 
 def test_sliding_policy():

@@ -565,11 +565,13 @@ class PagedKVCache:
                 pool[block, :, s["meta_offset"] + first * per:s["meta_offset"] + bs * per] = 0
 
     # -------------------------------------------------------------- attend
-    def attend(self, layer: int, seq_ids: Sequence, query: torch.Tensor, scale: Optional[float] = None
-               ) -> torch.Tensor:
+    def attend(self, layer: int, seq_ids: Sequence, query: torch.Tensor, scale: Optional[float] = None,
+               return_lse: bool = False):
         """Decode attention of one query per sequence, ``query`` [len(seq_ids),
         num_heads, head_dim], over both tiers (merged exactly). Updates the
-        heavy-hitter scores under H2O. Returns [len(seq_ids), num_heads, head_dim]."""
+        heavy-hitter scores under H2O. Returns [len(seq_ids), num_heads, head_dim]
+        (and with ``return_lse`` the fp32 log-sum-exp [len(seq_ids), num_heads]
+        of the scaled logits, e.g. to fold in attention sinks)."""
         states = self._states(layer, seq_ids)
         if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != len(states) \
                 or query.shape[2] != self.head_dim or query.shape[1] % self.num_kv_heads:
@@ -595,7 +597,7 @@ class PagedKVCache:
         if h2o:
             for _, _, tiers, lens, logits in parts:
                 self._accumulate(tiers, lens, logits, lse)
-        return out.to(query.dtype)
+        return (out.to(query.dtype), lse) if return_lse else out.to(query.dtype)
 
     def _tables(self, tiers: list[_Tier]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(1, max(len(t.blocks) for t in tiers))

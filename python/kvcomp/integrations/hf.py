@@ -384,13 +384,13 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"this attention layer has a sliding window of {window} tokens, its KVCompCache layer "
                          f"{'none' if layer.sliding_window is None else layer.sliding_window}: build the cache "
                          f"with the model's config, KVCompCache(policy, config=model.config)")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux, gpt-oss) are not supported by the \"kvcomp\" attention; "
-                                  "load the model with attn_implementation=\"eager\"")
+    sinks = kwargs.pop("s_aux", None)  # gpt-oss: a learned logit per head that takes a share of the softmax
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     b, _, q, _ = query.shape
     if layer.native and q == 1:
-        out = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale)
+        out, lse = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale, return_lse=True)
+        if sinks is not None:
+            out = _with_sinks(out, lse, sinks)
         return out[:, None], None
     mask = _prefill_mask(tag, attention_mask, key.shape[2], q, query.device)
     # A first chunk with no padding (and no window inside it) is plain causal:
@@ -398,6 +398,11 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     causal = key.shape[2] == q and bool(torch.equal(mask[:, 0], _tril(q, query.device).expand(b, q, q)))
     out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
                                     scaling=scale, is_causal=causal, **kwargs)
+    if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
+        k = key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
+        logits = (query.float() @ k.transpose(-1, -2)) * scale
+        lse = logits.masked_fill(~mask, float("-inf")).logsumexp(-1)  # [b, heads, q]
+        out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
     if layer.pending_evict:
         observe = layer.cache.policy.observe
         _accumulate_prefill_scores(tag, query, key, mask, scale, observe)
@@ -407,6 +412,12 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention with a sink logit s per head in the softmax, from attention
+    without it: out * e^lse / (e^lse + e^s) = out * sigmoid(lse - s)."""
+    return (out.float() * torch.sigmoid(lse - sinks.float())[..., None]).to(out.dtype)
 
 
 def _tril(n: int, device) -> torch.Tensor:
