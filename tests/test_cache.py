@@ -1167,3 +1167,18 @@ def test_long_appends_straight_to_cold_match_the_hot_tier_path(policy, dtype, mo
                 assert torch.equal(used_bytes(a, s, l, name), used_bytes(b, s, l, name)), (s, l, name)
     q = torch.randn(2, 4, 64).to(dtype)
     assert torch.equal(a.attend(1, ["a", "b"], q), b.attend(1, ["a", "b"], q))
+
+
+def test_h2o_budget_of_zero_blocks_empties_the_cold_tier():
+    """A fractional budget rounds down to whole blocks: 0 for a short
+    sequence without sinks (found by the .kvc fuzzer), and eviction then
+    frees the whole cold tier instead of asking heavy_hitter_topk for k=0."""
+    policy = P.h2o(budget=0.1, hot_window=16, sinks=0)
+    c = PagedKVCache(1, 2, 64, policy, max_tokens=512, dtype=F32)
+    c.add_sequence("a")
+    g = gen_from(5)
+    c.append(0, ["a"], heavy_tailed((1, 60, 2, 64), g, F32), heavy_tailed((1, 60, 2, 64), g, F32))
+    hot, cold = c.positions("a")
+    assert policy.cold_budget(60) == 0 and cold.shape[1] == 0 and hot.shape[1] > 0
+    assert c.stats()["cold_blocks"] == 0
+    assert torch.isfinite(c.attend(0, ["a"], torch.randn(1, 4, 64, generator=g))).all()

@@ -355,6 +355,7 @@ def test_hf_keys(tmp_path):
     (lambda h: h["layers"][0]["cache"]["policy"].update(hot_window=32), r"layers\[0\].cache: must hold"),
     (lambda h: h["layers"][0]["cache"]["geometry"].update(num_layers=2), r"geometry.num_layers"),
     (lambda h: h.update(layers={}), r"layers: must be a list"),
+    (lambda h: h["layers"].append(2**63), r"layers\[2\]: must be a JSON object"),  # found by the fuzzer
 ])
 def test_hf_header_fields(tmp_path, edit, match):
     pytest.importorskip("transformers")

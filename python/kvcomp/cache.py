@@ -531,8 +531,14 @@ class PagedKVCache:
     # -------------------------------------------------------------- evict
     def _evict(self, layer: int, st: _Layer, k: int) -> None:
         """H2O: keeps the k cold tokens with the highest cumulative attention
-        (sinks always), per KV head; frees the blocks left empty."""
+        (sinks always), per KV head; frees the blocks left empty (all of them
+        for k = 0: a fractional budget of a short sequence, no sinks)."""
         cold = st.cold
+        if k == 0:
+            self._cold_alloc[layer].give_back(cold.blocks)
+            cold.blocks = []
+            cold.select(torch.empty(self.num_kv_heads, 0, dtype=torch.long))
+            return
         scores = cold.scores.clone()
         scores[cold.pos.to(scores.device) < self.policy.sinks] = float("inf")
         lens = torch.tensor([cold.len], dtype=torch.int32, device=self.device)

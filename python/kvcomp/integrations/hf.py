@@ -335,6 +335,8 @@ class KVCompCache(Cache):
             out = cls(policy=common or [], max_tokens=per_seq)
             for i, e in enumerate(entries):
                 where = f"layers[{i}]"
+                if not isinstance(e, dict):
+                    raise Invalid(where, f"must be a JSON object, got {type(e).__name__}")
                 mine = field(e, "policy", where) if common is None or "policy" in e else None  # version 1: none
                 policy = common if mine is None else check_policy(mine, f"{where}.policy")
                 if common is not None and policy != common:
