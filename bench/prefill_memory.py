@@ -10,8 +10,6 @@ bytes the cache holds and its pools have allocated."""
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -21,29 +19,23 @@ import sys
 CACHES = ["dynamic", "full", "int8", "int4", "int3", "kivi2", "combined"]
 
 
-def rss() -> int:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def one(which: str, tokens: int, text: str) -> dict:
     import torch
     from transformers import DynamicCache
     from kvcomp import policies
     from kvcomp.bench import models
+    from kvcomp.bench.generate_bench import live_rss
     from kvcomp.integrations.hf import KVCompCache
     model, tok = models.load(models.resolve("smollm2-135m"))
     ids = tok(open(text).read(), return_tensors="pt").input_ids[:, :tokens]
     with torch.no_grad():  # warm up kernels and allocator
         model(ids[:, :16], past_key_values=DynamicCache(config=model.config))
-    base = rss()
+    base = live_rss()
     cache = DynamicCache(config=model.config) if which == "dynamic" else \
         KVCompCache(policy=getattr(policies, which)(), config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
-    added = rss() - base
+    added = live_rss() - base
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     if which == "dynamic":
         held = pools = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)

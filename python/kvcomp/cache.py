@@ -123,6 +123,19 @@ class _Layer:
         self.cold = _Tier(heads, scores_device)
 
 
+def storable_max(formats, head_dim: int) -> tuple[float, float]:
+    """The largest |x| of K and V that every one of ``formats`` stores
+    (format.h storable_max): what an append accepts, since hot values are
+    sealed into the cold tier later."""
+    limits = [KVFormat.parse(f).storable_max(head_dim) for f in formats]
+    return tuple(min(l[i] for l in limits) for i in (0, 1))
+
+
+def check_cap(max_tokens) -> None:
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+        raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
+
+
 def tier_capacity(policy: Policy) -> dict:
     """Most tokens one sequence's tier holds in one layer (None: as many as
     the pool has): a tiered policy's hot tier holds ``hot_window`` rounded up
@@ -169,8 +182,7 @@ class PagedKVCache:
         for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_seqs", max_seqs)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-            raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
+        check_cap(max_tokens)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         p, bs = self.policy, self.policy.block_size
@@ -180,9 +192,7 @@ class PagedKVCache:
         self.hot_format = p.resolved_hot_format(dtype)
         self.cold_format = p.cold_format
         KVFormat.parse(self.cold_format).tile_bytes(head_dim, bs)  # ValueError: head_dim unsupported
-        # The largest |x| of K and V that both tiers store (format.h storable_max).
-        limits = [KVFormat.parse(f).storable_max(head_dim) for f in (self.hot_format, self.cold_format)]
-        self._storable_max = tuple(min(l[i] for l in limits) for i in (0, 1))
+        self._storable_max = storable_max((self.hot_format, self.cold_format), head_dim)
         self._direct = p._direct()
         # A long append may write straight to the cold tier (_write_sealed_directly).
         self._direct_seal = p.hot_window is not None and p.eviction != "streaming" and \
@@ -190,8 +200,8 @@ class PagedKVCache:
             self.hot_format == p.replace(hot_format=None).resolved_hot_format(dtype)
         self._has_hot = not self._direct
         self._has_cold = p.hot_window is not None
-        caps = tier_capacity(p)
-        self._hot_cap, self._ring_cap = (caps["hot"], caps["cold"]) if self._has_cold else (None, None)
+        tiers = tier_capacity(p)
+        self._hot_cap, self._ring_cap = (tiers["hot"], tiers["cold"]) if self._has_cold else (None, None)
         caps = pool_blocks(p, max_tokens, max_seqs)
         allocator = lambda tier, fmt: _Allocator(
             lambda n: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device), caps[tier], p.wipe)
@@ -245,7 +255,7 @@ class PagedKVCache:
             raise ValueError(f"sequence {dst_id!r} already exists")
         need = {(name, l): len(getattr(st, name).blocks) for l, st in enumerate(layers) for name in ("hot", "cold")}
         for (name, l), n in need.items():  # check first: a failed fork changes nothing
-            alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[l]
+            alloc = self._alloc(name, l)
             if n > alloc.available:
                 raise CacheFullError(name, n * self.policy.block_size, alloc.available * self.policy.block_size)
         copies = []
@@ -254,7 +264,7 @@ class PagedKVCache:
             new.seen = st.seen
             for name in ("hot", "cold"):
                 src, dst = getattr(st, name), getattr(new, name)
-                alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[l]
+                alloc = self._alloc(name, l)
                 dst.blocks = alloc.take(len(src.blocks))
                 if src.blocks:
                     ids = lambda b: torch.tensor(b, dtype=torch.long, device=alloc.pool.device)
@@ -474,10 +484,8 @@ class PagedKVCache:
             pos.append(torch.cat([st.hot.pos, fresh], 1))
             if st.hot.scores is not None:
                 scores.append(torch.cat([st.hot.scores, torch.zeros(fresh.shape, device=st.hot.scores.device)], 1))
-            self._hot_alloc[layer].give_back(st.hot.blocks)  # the partial block, now read
-            st.hot.blocks = []
-            st.hot.select(torch.empty(self.num_kv_heads, 0, dtype=torch.long))
-        dev = lambda t: t.to(self.device, self.dtype if self.hot_format != "fp32" else torch.float32)
+            self._empty(st.hot, self._hot_alloc[layer])  # the partial block, now read
+        dev = lambda t: t.to(self.device, self.dtype)  # the hot tier's format is the dtype's: exact
         k = torch.cat([dev(torch.stack(ks)), dev(key[:, :direct])], 1)
         v = torch.cat([dev(torch.stack(vs)), dev(value[:, :direct])], 1)
         self._write_cold(layer, states, k, v, pos, scores or None)
@@ -535,9 +543,7 @@ class PagedKVCache:
         for k = 0: a fractional budget of a short sequence, no sinks)."""
         cold = st.cold
         if k == 0:
-            self._cold_alloc[layer].give_back(cold.blocks)
-            cold.blocks = []
-            cold.select(torch.empty(self.num_kv_heads, 0, dtype=torch.long))
+            self._empty(cold, self._cold_alloc[layer])
             return
         scores = cold.scores.clone()
         scores[cold.pos.to(scores.device) < self.policy.sinks] = float("inf")
@@ -659,10 +665,9 @@ class PagedKVCache:
                 if tier.len == 0 or not bool(hit.any()):
                     continue
                 keep = self._survivors(tier, ~hit)
-                pool = (self.hot_pools if name == "hot" else self.cold_pools)[layer]
+                alloc = self._alloc(name, layer)
                 fmt = self.hot_format if name == "hot" else self.cold_format
-                alloc = (self._hot_alloc if name == "hot" else self._cold_alloc)[layer]
-                self._compact(layer, tier, keep, pool, fmt, alloc)
+                self._compact(layer, tier, keep, alloc.pool, fmt, alloc)
             self._requeue_cold_tail(layer, st)
         for alloc in self._hot_alloc + self._cold_alloc:
             alloc.scrub()
@@ -748,6 +753,15 @@ class PagedKVCache:
                                              head_dim=head_dim, dtype=dtype), key=key, encrypt_key=encrypt_key)
 
     # ------------------------------------------------------------- helpers
+    def _alloc(self, tier: str, layer: int) -> _Allocator:
+        return (self._hot_alloc if tier == "hot" else self._cold_alloc)[layer]
+
+    def _empty(self, tier: _Tier, alloc: _Allocator) -> None:
+        """Gives back every block of ``tier``, which then holds nothing."""
+        alloc.give_back(tier.blocks)
+        tier.blocks = []
+        tier.select(torch.empty(self.num_kv_heads, 0, dtype=torch.long))
+
     def _known(self, seq_id):
         if seq_id not in self._seqs:
             raise KeyError(f"unknown sequence {seq_id!r} (add_sequence first)")

@@ -165,7 +165,8 @@ def read(path, kind: str, key=None, encrypt_key=None, report: Optional[dict] = N
     at = _PREFIX.size + head_len + _LENGTH.size  # the payload's offset
     size = at + _LENGTH.unpack_from(data, at - _LENGTH.size)[0] + _DIGEST if len(data) >= at else None
     view = memoryview(data)
-    claimed = _claimed_integrity(view, head_len)
+    header = _loads(view[_PREFIX.size:_PREFIX.size + head_len])  # trusted only once the trailer checks out
+    claimed = header.get("integrity", "sha256") if isinstance(header, dict) else None
     if key is not None:
         if not hmac.compare_digest(_trailer([view[:-_DIGEST]], key), data[-_DIGEST:]):
             if claimed == "sha256" and _trailer([view[:-_DIGEST]], None) == data[-_DIGEST:]:
@@ -180,7 +181,7 @@ def read(path, kind: str, key=None, encrypt_key=None, report: Optional[dict] = N
         raise bad("corrupted: the SHA-256 of its contents differs from the one stored")
     if size != len(data):
         raise bad(f"corrupted: its section lengths add up to {size} bytes, the file has {len(data)}")
-    header = _json(view[_PREFIX.size:_PREFIX.size + head_len], bad, "header")
+    header = _object(header, bad, "header")
     if header.get("format") != FORMAT:
         raise bad(f"the header does not name the format {FORMAT!r}")
     if header.get("integrity", "sha256") != ("hmac-sha256" if key is not None else "sha256") or \
@@ -206,22 +207,24 @@ def read(path, kind: str, key=None, encrypt_key=None, report: Optional[dict] = N
     return header, tensors
 
 
-def _claimed_integrity(view: memoryview, head_len: int):
-    """What the (not yet verified) header says the trailer is; None if unreadable."""
-    try:
-        return json.loads(view[_PREFIX.size:_PREFIX.size + head_len].tobytes()).get("integrity", "sha256")
-    except (ValueError, AttributeError, RecursionError):
-        return None
+_NOT_JSON = object()
 
 
-def _json(view: memoryview, bad, what: str) -> dict:
+def _loads(view: memoryview):
+    """The JSON value of ``view``, or _NOT_JSON."""
     try:
-        out = json.loads(view.tobytes())
+        return json.loads(view.tobytes())
     except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: nested too deep
-        raise bad(f"corrupted: the {what} is not JSON (or nested too deep)") from None
-    if not isinstance(out, dict):
+        return _NOT_JSON
+
+
+def _object(value, bad, what: str) -> dict:
+    """``value`` (from _loads) if a JSON object; KVCFileError otherwise."""
+    if value is _NOT_JSON:
+        raise bad(f"corrupted: the {what} is not JSON (or nested too deep)")
+    if not isinstance(value, dict):
         raise bad(f"corrupted: the {what} is not a JSON object")
-    return out
+    return value
 
 
 def _decrypt(header: dict, payload: memoryview, aad: memoryview, encrypt_key, bad) -> tuple[dict, memoryview]:
@@ -242,7 +245,7 @@ def _decrypt(header: dict, payload: memoryview, aad: memoryview, encrypt_key, ba
     n = _LENGTH.unpack_from(plain)[0] if len(plain) >= _LENGTH.size else len(plain)
     if _LENGTH.size + n > len(plain):
         raise bad("corrupted: the encrypted body's length exceeds the payload")
-    body = _json(plain[_LENGTH.size:_LENGTH.size + n], bad, "encrypted header")
+    body = _object(_loads(plain[_LENGTH.size:_LENGTH.size + n]), bad, "encrypted header")
     if set(body) & set(header):
         raise bad(f"the encrypted header repeats clear header keys {sorted(set(body) & set(header))}")
     return {**header, **body}, plain[_LENGTH.size + n:]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .cache import pool_blocks, tier_capacity
+from .cache import pool_blocks, storable_max, tier_capacity
 from .formats import KVFormat
 from .policy import Policy
 
@@ -144,7 +144,7 @@ def _check_cache(entry, tensors: dict, prefix: str, expect: Optional[dict]) -> P
         for l, layer in enumerate(layers):
             _check_positions(pos, layer, policy, f"sequences[{i}].layers[{l}]")
     _check_scores(scores, prefix)
-    limits = _storable(formats, D)
+    limits = storable_max(formats.values(), D)
     for name, fmt in formats.items():
         for l, t in enumerate(blocks[name]):
             check_blocks(t, fmt, D, policy.block_size, limits, dtype, f"tensor {prefix}{name}.{l}")
@@ -308,13 +308,6 @@ def _check_scores(scores: Optional[torch.Tensor], prefix: str) -> None:
 
 
 # ------------------------------------------------------------------ values
-def _storable(formats: dict, head_dim: int) -> tuple[float, float]:
-    """The largest |x| of K and V that both tiers store: what an append
-    accepts (hot values are sealed into the cold tier later)."""
-    limits = [KVFormat.parse(f).storable_max(head_dim) for f in formats.values()]
-    return tuple(min(l[i] for l in limits) for i in (0, 1))
-
-
 def check_blocks(t: torch.Tensor, fmt: str, head_dim: int, block_size: int, limits, dtype,
                  where: str) -> None:
     """Every stored value of blocks t (uint8 [n, heads, tile_bytes]) is one a

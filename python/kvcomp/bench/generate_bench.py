@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one (cache, length) in this process
 
 
-def _rss() -> int:
+def live_rss() -> int:
+    """Resident bytes of this process after gc and malloc_trim."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: RSS is what is live
@@ -76,7 +77,7 @@ def one(args, which: str, length: int) -> dict:
     model.set_attn_implementation(attn)
     with torch.inference_mode():
         model(input_ids=ids[:, :16], use_cache=True, **cache_arg(model, make()))  # warm up
-        base = _rss()
+        base = live_rss()
         cache = make()
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_arg(model, cache))
@@ -87,7 +88,7 @@ def one(args, which: str, length: int) -> dict:
             out = model(input_ids=token, use_cache=True, **cache_arg(model, cache))
             token = out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t0
-    added = _rss() - base
+    added = live_rss() - base
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads

@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, check_cap
 from ..policy import Policy
 
 __all__ = ["BlindEvictionError", "KVCompCache", "kvcomp_attention"]
@@ -48,6 +48,12 @@ class _Tagged:
     def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int, positions: Optional[list]):
         self.layer, self.held, self.new_tokens = layer, held, new_tokens
         self.positions = positions  # per row: [kv_heads, held] positions of the dequantized columns
+
+
+def _stored_policy(policy: Policy, sliding_window: Optional[int], dtype: torch.dtype) -> Policy:
+    """The policy a layer's PagedKVCache stores under: the user's, or for a
+    sliding-window layer the ring of its window."""
+    return policy if sliding_window is None else policy.sliding(sliding_window, dtype)
 
 
 class KVCompLayer(CacheLayerMixin):
@@ -68,7 +74,7 @@ class KVCompLayer(CacheLayerMixin):
 
     def stored_policy(self, dtype: torch.dtype) -> Policy:
         """The policy of this layer's PagedKVCache."""
-        return self.policy if self.sliding_window is None else self.policy.sliding(self.sliding_window, dtype)
+        return _stored_policy(self.policy, self.sliding_window, dtype)
 
     # transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -227,8 +233,7 @@ class KVCompCache(Cache):
 
     def __init__(self, policy=None, max_tokens: Optional[int] = None, config=None):
         from .. import policies
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-            raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
+        check_cap(max_tokens)
         self.max_tokens = max_tokens
         policy = policies.full() if policy is None else policy
         self._policies = policy if isinstance(policy, (list, tuple)) else None
@@ -332,7 +337,6 @@ class KVCompCache(Cache):
                 heads = cfg.num_attention_heads
                 expect.update(num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                               head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-            out = cls(policy=common or [], max_tokens=per_seq)
             for i, e in enumerate(entries):
                 where = f"layers[{i}]"
                 if not isinstance(e, dict):
@@ -341,10 +345,9 @@ class KVCompCache(Cache):
                 policy = common if mine is None else check_policy(mine, f"{where}.policy")
                 if common is not None and policy != common:
                     raise Invalid(f"{where}.policy", "differs from the cache's policy")
-                window = e.get("sliding_window") if isinstance(e, dict) else None
+                window = e.get("sliding_window")
                 if window is not None:
                     integer(window, f"{where}.sliding_window", 1, 1 << 30)
-                layer = KVCompLayer(out, policy, window)
                 b = integer(field(e, "batch_size", where), f"{where}.batch_size", 0, 1 << 20)
                 flags = [field(e, k, where) for k in ("native", "pending_evict")]
                 if any(type(f) is not bool for f in flags):
@@ -355,16 +358,17 @@ class KVCompCache(Cache):
                 if b:
                     plan = check_cache(e["cache"], tensors, f"layers.{i}.", expect)
                     cap = None if per_seq is None else per_seq * b
-                    if plan.policy != layer.stored_policy(plan.dtype) or \
+                    if plan.policy != _stored_policy(policy, window, plan.dtype) or \
                             [s for s, _ in plan.sequences] != list(range(b)) or plan.max_tokens != cap:
                         raise Invalid(f"{where}.cache", f"must hold the batch rows 0..{b - 1} under the "
                                                         f"layer's policy and the cache's max_tokens")
                     names |= plan.names
-                plans.append((layer, plan, flags))
+                plans.append((policy, window, plan, flags))
         kvc_file.unused_tensors(tensors, names, path)
         t1 = time.perf_counter()
-        out._policies = None if common is not None else [layer.policy for layer, _, _ in plans]
-        for layer, plan, (native, pending_evict) in plans:
+        out = cls(policy=common or [policy for policy, *_ in plans], max_tokens=per_seq)
+        for policy, window, plan, (native, pending_evict) in plans:
+            layer = KVCompLayer(out, policy, window)
             if plan is not None:
                 layer.restore(kvc_file.build(plan, device), native, pending_evict)
             out.layers.append(layer)
@@ -401,9 +405,7 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
                                     scaling=scale, is_causal=causal, **kwargs)
     if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
-        k = key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
-        logits = (query.float() @ k.transpose(-1, -2)) * scale
-        lse = logits.masked_fill(~mask, float("-inf")).logsumexp(-1)  # [b, heads, q]
+        lse = _masked_logits(query, key, mask, scale).logsumexp(-1)  # [b, heads, q]
         out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
     if layer.pending_evict:
         observe = layer.cache.policy.observe
@@ -414,6 +416,13 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
+
+
+def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 ``scale * q.k`` [batch, heads, q, kv] of every query head against
+    its KV head's keys, -inf where ``mask`` hides the key."""
+    k = key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
+    return ((query.float() @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
 
 
 def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -471,9 +480,7 @@ def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Ten
     b, heads, _, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     prev = kv_len - chunk
-    k = key.float().repeat_interleave(heads // kv_heads, 1)
-    logits = (query.float() @ k.transpose(-1, -2)) * scale
-    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num_(0.0)
+    probs = _masked_logits(query, key, mask, scale).softmax(-1).nan_to_num_(0.0)
     weight = probs.sum(2).view(b, kv_heads, heads // kv_heads, kv_len).sum(2).to(c.device)  # [b, kv, cols]
     for i in range(b):
         seen = c.seq_len(i)
