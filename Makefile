@@ -28,6 +28,7 @@ $(VENV)/.eval: $(VENV)/.deps
 
 # Incremental (ninja) in-place build of python/kvcomp/_C*.so.
 build: $(VENV)/.deps
+	rm -f python/kvcomp/_C.cpython-*.so  # an old per-Python build would shadow _C.abi3.so
 	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
 
 test: build cuda-check

@@ -1,14 +1,21 @@
-// The one place where ops are declared (schemas) and bound to devices, plus
-// the small pybind11 API that exposes the format table to Python.
-#include <torch/extension.h>
-#include <torch/library.h>
+// The one place where ops are declared (schemas) and bound to devices, on the
+// LibTorch stable ABI (STABLE_TORCH_LIBRARY, TORCH_BOX), plus the host-only
+// helpers of the Python API (kvcomp_host: format facts, build facts, the CUDA
+// validation switch) and the empty Python module whose import loads it all.
+// No pybind11 and only the limited Python API: one cp310-abi3 binary serves
+// every Python >= 3.10 and every torch from TORCH_TARGET_VERSION on.
+#include <Python.h>
+#include <torch/csrc/stable/library.h>
+
+#include <sstream>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "kvcomp/spec.h"
 #include "ops/common.h"
 #include "ops/ops.h"
 
-TORCH_LIBRARY(kvcomp, m) {
+STABLE_TORCH_LIBRARY(kvcomp, m) {
   m.def("quantize_write(Tensor key, Tensor value, Tensor(a!) pool, Tensor slot_mapping, "
         "str format) -> ()");
   m.def("seal_blocks(Tensor hot_pool, Tensor src_blocks, Tensor(a!) cold_pool, "
@@ -25,96 +32,127 @@ TORCH_LIBRARY(kvcomp, m) {
         "ScalarType dtype) -> (Tensor key, Tensor value)");
 }
 
-TORCH_LIBRARY_IMPL(kvcomp, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(kvcomp, CPU, m) {
   using namespace kvcomp::op;
-  m.impl("quantize_write", &quantize_write);
-  m.impl("seal_blocks", &seal_blocks);
-  m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("merge_attention_states", &merge_attention_states);
-  m.impl("accumulate_scores", &accumulate_scores);
-  m.impl("heavy_hitter_topk", &heavy_hitter_topk);
-  m.impl("compact", &compact);
-  m.impl("gather_dequant", &gather_dequant);
+  m.impl("quantize_write", TORCH_BOX(&quantize_write));
+  m.impl("seal_blocks", TORCH_BOX(&seal_blocks));
+  m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention));
+  m.impl("merge_attention_states", TORCH_BOX(&merge_attention_states));
+  m.impl("accumulate_scores", TORCH_BOX(&accumulate_scores));
+  m.impl("heavy_hitter_topk", TORCH_BOX(&heavy_hitter_topk));
+  m.impl("compact", TORCH_BOX(&compact));
+  m.impl("gather_dequant", TORCH_BOX(&gather_dequant));
 }
 
-namespace {
+namespace kvcomp::host {
 
-pybind11::dict describe(const std::string& spec) {
-  const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
-  auto side = [](kvcomp::ElemFormat e) {
-    pybind11::dict d;
-    d["spec"] = kvcomp::side_name(e);
-    d["bits"] = kvcomp::kind_bits(e.kind);
-    d["group"] = e.group;
-    d["per_channel"] = kvcomp::is_per_channel(e.kind);
-    d["rotated"] = e.rotated;
-    d["meta_halves"] = kvcomp::is_raw(e.kind) ? 0 : kvcomp::meta_halves(e.kind);
-    d["code_range"] = kvcomp::is_raw(e.kind) ? pybind11::tuple()
-        : pybind11::tuple(pybind11::make_tuple(kvcomp::code_value_min(e.kind), kvcomp::code_value_max(e.kind)));
-    return d;
+// Small JSON objects of ints, bools and ASCII names (no escaping needed).
+struct Json {
+  std::ostringstream s;
+  bool first = true;
+  template <class T>
+  Json& put(const char* key, const T& v) {
+    s << (first ? "{" : ", ") << '"' << key << "\": " << v;
+    first = false;
+    return *this;
+  }
+  Json& str(const char* key, const std::string& v) { return put(key, '"' + v + '"'); }
+  Json& flag(const char* key, bool v) { return put(key, v ? "true" : "false"); }
+  std::string done() { return first ? "{}" : s.str() + "}"; }
+};
+
+std::string describe_format(std::string spec) {
+  const FormatSpec& f = spec_arg(spec);
+  auto side = [](ElemFormat e) {
+    Json j;
+    j.str("spec", side_name(e)).put("bits", kind_bits(e.kind)).put("group", e.group);
+    j.flag("per_channel", is_per_channel(e.kind)).flag("rotated", e.rotated);
+    j.put("meta_halves", is_raw(e.kind) ? 0 : meta_halves(e.kind));
+    if (is_raw(e.kind)) j.put("code_range", "[]");
+    else j.put("code_range", "[" + std::to_string(code_value_min(e.kind)) + ", " +
+                                 std::to_string(code_value_max(e.kind)) + "]");
+    return j.done();
   };
-  pybind11::dict d;
-  d["name"] = f.name;
-  d["k"] = side(f.k);
-  d["v"] = side(f.v);
-  return d;
+  return Json().str("name", f.name).put("k", side(f.k)).put("v", side(f.v)).done();
 }
 
-pybind11::dict layout(const std::string& spec, int head_dim, int block_size) {
-  const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
-  kvcomp::TileLayout t =
-      kvcomp::guarded([&] { return kvcomp::tile_layout(f, head_dim, block_size); });
-  auto sec = [](const kvcomp::Section& s) {
-    pybind11::dict d;
-    d["offset"] = s.offset;
-    d["row_bytes"] = s.row_bytes;
-    d["data_bytes"] = s.data_bytes;
-    d["meta_offset"] = s.meta_offset();
-    d["meta_bytes"] = s.meta_bytes;
-    return d;
+int64_t tile_bytes_of(std::string spec, int64_t head_dim, int64_t block_size) {
+  return tile_bytes(spec_arg(spec), (int)head_dim, (int)block_size);
+}
+
+std::string tile_layout_of(std::string spec, int64_t head_dim, int64_t block_size) {
+  const FormatSpec& f = spec_arg(spec);
+  TileLayout t = tile_layout(f, (int)head_dim, (int)block_size);
+  auto sec = [](const Section& s) {
+    return Json().put("offset", s.offset).put("row_bytes", s.row_bytes)
+        .put("data_bytes", s.data_bytes).put("meta_offset", s.meta_offset())
+        .put("meta_bytes", s.meta_bytes).done();
   };
-  pybind11::dict d;
-  d["k"] = sec(t.k);
-  d["v"] = sec(t.v);
-  d["natural_bytes"] = t.natural_bytes;
-  d["tile_bytes"] = kvcomp::tile_bytes(f, head_dim, block_size);
-  return d;
+  return Json().put("k", sec(t.k)).put("v", sec(t.v)).put("natural_bytes", t.natural_bytes)
+      .put("tile_bytes", tile_bytes(f, (int)head_dim, (int)block_size)).done();
 }
 
-}  // namespace
+std::vector<int64_t> infer_geometry_of(std::string spec, int64_t tile, int64_t head_dim) {
+  Geometry g = infer_geometry(spec_arg(spec), tile, (int)head_dim);
+  return {g.head_dim, g.block_size};
+}
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("LAYOUT_VERSION") = kvcomp::kLayoutVersion;
-  m.def("describe_format", &describe, "Canonical name and per-side facts of a format spec");
-  m.def("tile_bytes", [](const std::string& spec, int head_dim, int block_size) {
-    const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
-    return kvcomp::guarded([&] { return kvcomp::tile_bytes(f, head_dim, block_size); });
-  });
-  m.def("infer_geometry", [](const std::string& spec, long long tile, int head_dim) {
-    const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
-    auto g = kvcomp::guarded([&] { return kvcomp::infer_geometry(f, tile, head_dim); });
-    return std::make_pair(g.head_dim, g.block_size);
-  }, pybind11::arg("spec"), pybind11::arg("tile_bytes"), pybind11::arg("head_dim") = 0);
-  m.def("tile_layout", &layout, "Byte offsets of a tile's regions");
-  m.def("storable_max", [](const std::string& spec, int head_dim) {
-    const kvcomp::FormatSpec& f = kvcomp::spec_arg(spec);
-    return std::make_pair(kvcomp::storable_max(f.k, head_dim), kvcomp::storable_max(f.v, head_dim));
-  }, "The largest |x| the K and V sides store (format.h storable_max)");
-  m.def("set_cuda_validation", &kvcomp::set_cuda_validation, pybind11::arg("enabled"),
-        "Turns the host-side data checks of the CUDA ops on or off (see ops/common.h)");
-  m.def("cuda_validation", &kvcomp::cuda_validation, "Whether the CUDA ops check data on the host");
-  m.def("with_cuda", [] {
+std::vector<double> storable_max_of(std::string spec, int64_t head_dim) {
+  const FormatSpec& f = spec_arg(spec);
+  return {storable_max(f.k, (int)head_dim), storable_max(f.v, (int)head_dim)};
+}
+
+// Sets the switch and returns its previous state.
+bool set_cuda_validation_to(bool enabled) {
+  bool previous = cuda_validation();
+  set_cuda_validation(enabled);
+  return previous;
+}
+bool get_cuda_validation() { return cuda_validation(); }
+
+std::string build_info() {
 #ifdef KVCOMP_WITH_CUDA
-    return true;
+  const bool with_cuda = true;
 #else
-    return false;
+  const bool with_cuda = false;
 #endif
-  }, "Whether the CUDA kernels were built");
-  m.def("cpu_isa", [] {
 #ifdef KVCOMP_AVX2
-    return "avx2";
+  const char* isa = "avx2";
 #else
-    return "portable";
+  const char* isa = "portable";
 #endif
-  }, "The instruction set the CPU kernels were built for");
+  return Json().put("layout_version", kLayoutVersion).flag("with_cuda", with_cuda)
+      .str("cpu_isa", isa).done();
+}
+
+}  // namespace kvcomp::host
+
+STABLE_TORCH_LIBRARY(kvcomp_host, m) {
+  m.def("describe_format(str spec) -> str");
+  m.def("tile_bytes(str spec, int head_dim, int block_size) -> int");
+  m.def("tile_layout(str spec, int head_dim, int block_size) -> str");
+  m.def("infer_geometry(str spec, int tile_bytes, int head_dim) -> int[]");
+  m.def("storable_max(str spec, int head_dim) -> float[]");
+  m.def("set_cuda_validation(bool enabled) -> bool");
+  m.def("cuda_validation() -> bool");
+  m.def("build_info() -> str");
+}
+
+// No tensor arguments: the dispatcher runs the CompositeExplicitAutograd kernel.
+STABLE_TORCH_LIBRARY_IMPL(kvcomp_host, CompositeExplicitAutograd, m) {
+  using namespace kvcomp::host;
+  m.impl("describe_format", TORCH_BOX(&describe_format));
+  m.impl("tile_bytes", TORCH_BOX(&tile_bytes_of));
+  m.impl("tile_layout", TORCH_BOX(&tile_layout_of));
+  m.impl("infer_geometry", TORCH_BOX(&infer_geometry_of));
+  m.impl("storable_max", TORCH_BOX(&storable_max_of));
+  m.impl("set_cuda_validation", TORCH_BOX(&set_cuda_validation_to));
+  m.impl("cuda_validation", TORCH_BOX(&get_cuda_validation));
+  m.impl("build_info", TORCH_BOX(&build_info));
+}
+
+// `import kvcomp._C` runs the registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
 }

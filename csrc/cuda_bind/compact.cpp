@@ -5,15 +5,15 @@
 
 namespace kvcomp::cuda_op {
 
-void compact(at::Tensor& pool, const at::Tensor& block_tables, const at::Tensor& keep,
+void compact(Tensor& pool, const Tensor& block_tables, const Tensor& keep,
              const std::string& format) {
   CompactArgs a = prepare_compact(pool, block_tables, keep, format);
-  const c10::cuda::CUDAGuard guard(pool.device());
+  const Guard guard(pool);
   check_aligned_pool(pool, "pool");
   if (host_checks()) validate_keep(a.pool, a.bt, a.block_tables, a.keep);
-  at::Tensor src = at::empty_like(a.keep);  // kept positions without the -1 entries
-  C10_CUDA_CHECK(cuda::compact(a.pool, a.bt, a.keep.data_ptr<int32_t>(), a.keep.size(2),
-                               src.data_ptr<int32_t>(), stream()));
+  Tensor src = torch::stable::empty_like(a.keep);  // kept positions without the -1 entries
+  KVCOMP_CUDA_CHECK(cuda::compact(a.pool, a.bt, a.keep.const_data_ptr<int32_t>(), a.keep.size(2),
+                               src.mutable_data_ptr<int32_t>(), stream()));
 }
 
 }  // namespace kvcomp::cuda_op

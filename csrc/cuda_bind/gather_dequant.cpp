@@ -7,23 +7,22 @@
 
 namespace kvcomp::cuda_op {
 
-std::tuple<at::Tensor, at::Tensor> gather_dequant(const at::Tensor& pool,
-                                                  const at::Tensor& block_tables,
-                                                  const at::Tensor& seq_lens,
+std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
+                                                  const Tensor& block_tables,
+                                                  const Tensor& seq_lens,
                                                   const std::string& format,
-                                                  at::ScalarType dtype) {
+                                                  ScalarType dtype) {
   GatherArgs a = prepare_gather_dequant(pool, block_tables, seq_lens, format, dtype);
-  const c10::cuda::CUDAGuard guard(pool.device());
+  const Guard guard(pool);
   check_aligned_pool(pool, "pool");
-  const at::Tensor& sl = a.seq_lens;
+  const Tensor& sl = a.seq_lens;
   // The output's shape depends on seq_lens: a sync whatever the validation.
-  const int64_t max_len = a.bt.batch ? std::max<int64_t>(0, sl.max().item<int64_t>()) : 0;
+  const int64_t max_len = std::max<int64_t>(0, max_seq_len(to_host(sl)));
   if (host_checks()) validate_paged(a.pool, a.bt, a.block_tables, sl);
-  auto opts = pool.options().dtype(dtype);
-  at::Tensor key = at::empty({a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim}, opts);
-  at::Tensor value = at::empty_like(key);
-  C10_CUDA_CHECK(cuda::gather_dequant(a.pool, a.bt, sl.data_ptr<int32_t>(), max_len,
-                                      dtype_of(dtype), key.data_ptr(), value.data_ptr(),
+  Tensor key = empty_on(pool, {a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim}, dtype);
+  Tensor value = torch::stable::empty_like(key);
+  KVCOMP_CUDA_CHECK(cuda::gather_dequant(a.pool, a.bt, sl.const_data_ptr<int32_t>(), max_len,
+                                      dtype_of(dtype), key.mutable_data_ptr(), value.mutable_data_ptr(),
                                       stream()));
   return {key, value};
 }

@@ -2,7 +2,7 @@
 // Each op file holds the argument checks, shared by every device, and the
 // CPU implementation that calls the kernel in csrc/cpu/.
 #pragma once
-#include <ATen/ATen.h>
+#include "ops/common.h"
 
 #include <optional>
 #include <string>
@@ -11,36 +11,36 @@
 namespace kvcomp {
 namespace op {
 
-void quantize_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
-                    const at::Tensor& slot_mapping, const std::string& format);
+void quantize_write(const Tensor& key, const Tensor& value, Tensor& pool,
+                    const Tensor& slot_mapping, const std::string& format);
 
-void seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks, at::Tensor& cold_pool,
-                 const at::Tensor& dst_blocks, const std::string& hot_format,
+void seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks, Tensor& cold_pool,
+                 const Tensor& dst_blocks, const std::string& hot_format,
                  const std::string& cold_format);
 
-std::tuple<at::Tensor, at::Tensor> paged_decode_attention(
-    const at::Tensor& query, const at::Tensor& pool, const at::Tensor& block_tables,
-    const at::Tensor& seq_lens, const std::string& format, double scale,
-    const std::optional<at::Tensor>& logits_out);
+std::tuple<Tensor, Tensor> paged_decode_attention(
+    const Tensor& query, const Tensor& pool, const Tensor& block_tables,
+    const Tensor& seq_lens, const std::string& format, double scale,
+    const std::optional<Tensor>& logits_out);
 
-std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& out_a,
-                                                          const at::Tensor& lse_a,
-                                                          const at::Tensor& out_b,
-                                                          const at::Tensor& lse_b);
+std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
+                                                          const Tensor& lse_a,
+                                                          const Tensor& out_b,
+                                                          const Tensor& lse_b);
 
-void accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
-                       const at::Tensor& seq_lens, at::Tensor& scores);
+void accumulate_scores(const Tensor& logits, const Tensor& lse,
+                       const Tensor& seq_lens, Tensor& scores);
 
-at::Tensor heavy_hitter_topk(const at::Tensor& scores, const at::Tensor& seq_lens, int64_t k);
+Tensor heavy_hitter_topk(const Tensor& scores, const Tensor& seq_lens, int64_t k);
 
-void compact(at::Tensor& pool, const at::Tensor& block_tables, const at::Tensor& keep,
+void compact(Tensor& pool, const Tensor& block_tables, const Tensor& keep,
              const std::string& format);
 
-std::tuple<at::Tensor, at::Tensor> gather_dequant(const at::Tensor& pool,
-                                                  const at::Tensor& block_tables,
-                                                  const at::Tensor& seq_lens,
+std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
+                                                  const Tensor& block_tables,
+                                                  const Tensor& seq_lens,
                                                   const std::string& format,
-                                                  at::ScalarType dtype);
+                                                  ScalarType dtype);
 
 }  // namespace op
 }  // namespace kvcomp

@@ -2,7 +2,6 @@
 // (ops/paged_decode_attention.cpp) and the CUDA binding: same rules, same
 // messages (see ops/prepare.h for the other ops).
 #pragma once
-#include <ATen/ATen.h>
 
 #include <optional>
 #include <string>
@@ -14,18 +13,18 @@ namespace kvcomp {
 struct PagedDecodeArgs {
   Pool pool;
   BlockTables bt;                     // ids: block_tables' data (device memory on CUDA)
-  at::Tensor block_tables, seq_lens;  // contiguous
+  Tensor block_tables, seq_lens;  // contiguous
   float* logits;                      // logits_out's data, or null
   int64_t logits_len;
 };
 
 // Shapes, dtypes, devices, format and scale; reads no tensor data.
-PagedDecodeArgs prepare_paged_decode(const at::Tensor& query, const at::Tensor& pool,
-                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
+PagedDecodeArgs prepare_paged_decode(const Tensor& query, const Tensor& pool,
+                                     const Tensor& block_tables, const Tensor& seq_lens,
                                      const std::string& format, double scale,
-                                     const std::optional<at::Tensor>& logits_out);
+                                     const std::optional<Tensor>& logits_out);
 
 // logits_out has room for the longest sequence (reads seq_lens on the host).
-void validate_logits_len(const at::Tensor& seq_lens, int64_t logits_len);
+void validate_logits_len(const Tensor& seq_lens, int64_t logits_len);
 
 }  // namespace kvcomp

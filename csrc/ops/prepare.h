@@ -6,7 +6,6 @@
 // CUDA bindings: csrc/cpu/checks.cpp run on host copies of the index tensors
 // (the CPU kernels call those checks themselves).
 #pragma once
-#include <ATen/ATen.h>
 
 #include <string>
 
@@ -16,69 +15,69 @@ namespace kvcomp {
 
 struct QuantizeWriteArgs {
   Pool pool;
-  at::Tensor key, value, slots;  // contiguous
+  Tensor key, value, slots;  // contiguous
   DType dtype;
 };
-QuantizeWriteArgs prepare_quantize_write(const at::Tensor& key, const at::Tensor& value,
-                                         at::Tensor& pool, const at::Tensor& slot_mapping,
+QuantizeWriteArgs prepare_quantize_write(const Tensor& key, const Tensor& value,
+                                         Tensor& pool, const Tensor& slot_mapping,
                                          const std::string& format);
 
 struct SealArgs {
   Pool hot, cold;
-  at::Tensor src, dst;  // contiguous
+  Tensor src, dst;  // contiguous
 };
-SealArgs prepare_seal_blocks(const at::Tensor& hot_pool, const at::Tensor& src_blocks,
-                             at::Tensor& cold_pool, const at::Tensor& dst_blocks,
+SealArgs prepare_seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks,
+                             Tensor& cold_pool, const Tensor& dst_blocks,
                              const std::string& hot_format, const std::string& cold_format);
 
 struct MergeArgs {
-  at::Tensor a, lse_a, b, lse_b;  // contiguous, out_a's dtype
+  Tensor a, lse_a, b, lse_b;  // contiguous, out_a's dtype
   int64_t rows, head_dim;
 };
-MergeArgs prepare_merge_attention_states(const at::Tensor& out_a, const at::Tensor& lse_a,
-                                         const at::Tensor& out_b, const at::Tensor& lse_b);
+MergeArgs prepare_merge_attention_states(const Tensor& out_a, const Tensor& lse_a,
+                                         const Tensor& out_b, const Tensor& lse_b);
 
 struct ScoresArgs {
-  at::Tensor logits, lse, seq_lens;  // contiguous
+  Tensor logits, lse, seq_lens;  // contiguous
 };
-ScoresArgs prepare_accumulate_scores(const at::Tensor& logits, const at::Tensor& lse,
-                                     const at::Tensor& seq_lens, at::Tensor& scores);
+ScoresArgs prepare_accumulate_scores(const Tensor& logits, const Tensor& lse,
+                                     const Tensor& seq_lens, Tensor& scores);
 
 struct TopkArgs {
-  at::Tensor scores, seq_lens;  // contiguous
-  at::Tensor out;               // int32 [batch, num_kv_heads, k], uninitialized
+  Tensor scores, seq_lens;  // contiguous
+  Tensor out;               // int32 [batch, num_kv_heads, k], uninitialized
 };
-TopkArgs prepare_heavy_hitter_topk(const at::Tensor& scores, const at::Tensor& seq_lens,
+TopkArgs prepare_heavy_hitter_topk(const Tensor& scores, const Tensor& seq_lens,
                                    int64_t k);
 
 struct CompactArgs {
   Pool pool;
   BlockTables bt;  // ids: block_tables' data (device memory on CUDA)
-  at::Tensor block_tables, keep;  // contiguous
+  Tensor block_tables, keep;  // contiguous
 };
-CompactArgs prepare_compact(at::Tensor& pool, const at::Tensor& block_tables,
-                            const at::Tensor& keep, const std::string& format);
+CompactArgs prepare_compact(Tensor& pool, const Tensor& block_tables,
+                            const Tensor& keep, const std::string& format);
 
 struct GatherArgs {
   Pool pool;
   BlockTables bt;
-  at::Tensor block_tables, seq_lens;  // contiguous
+  Tensor block_tables, seq_lens;  // contiguous
 };
-GatherArgs prepare_gather_dequant(const at::Tensor& pool, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens, const std::string& format,
-                                  at::ScalarType dtype);
+GatherArgs prepare_gather_dequant(const Tensor& pool, const Tensor& block_tables,
+                                  const Tensor& seq_lens, const std::string& format,
+                                  ScalarType dtype);
 
 // int64 slots below the pool's num_blocks * block_size (negative ones skip).
-void validate_slots(const at::Tensor& slots, int64_t num_slots);
+void validate_slots(const Tensor& slots, int64_t num_slots);
 // int32 block ids within [0, num_blocks); name is the argument's.
-void validate_block_ids(const at::Tensor& ids, int64_t num_blocks, const char* name);
+void validate_block_ids(const Tensor& ids, int64_t num_blocks, const char* name);
 // seq_lens within [0, limit]; `what` says what limits them.
-void validate_seq_lens(const at::Tensor& seq_lens, int64_t limit, const char* what);
+void validate_seq_lens(const Tensor& seq_lens, int64_t limit, const char* what);
 // check_paged on host copies of block_tables and seq_lens.
-void validate_paged(const Pool& pool, const BlockTables& bt, const at::Tensor& block_tables,
-                    const at::Tensor& seq_lens);
+void validate_paged(const Pool& pool, const BlockTables& bt, const Tensor& block_tables,
+                    const Tensor& seq_lens);
 // keep rows ascending, each kept position and destination in a named block.
-void validate_keep(const Pool& pool, const BlockTables& bt, const at::Tensor& block_tables,
-                   const at::Tensor& keep);
+void validate_keep(const Pool& pool, const BlockTables& bt, const Tensor& block_tables,
+                   const Tensor& keep);
 
 }  // namespace kvcomp

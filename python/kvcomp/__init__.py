@@ -6,7 +6,7 @@ storage formats in :class:`KVFormat`; policies in :class:`Policy` and
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.kvcomp.*)
+from . import _native  # checks torch, loads the extension (torch.ops.kvcomp.*)
 from . import ops
 from .formats import KVFormat, allocate_pool
 from .policy import Policy
@@ -15,7 +15,7 @@ from .cache import CacheFullError, PagedKVCache
 from .kvc_file import KVCFileError
 
 __version__ = "0.1.0"
-LAYOUT_VERSION = _C.LAYOUT_VERSION
+LAYOUT_VERSION = _native.LAYOUT_VERSION
 
 __all__ = ["KVFormat", "allocate_pool", "ops", "Policy", "policies", "PagedKVCache", "CacheFullError",
            "KVCFileError", "LAYOUT_VERSION", "__version__"]

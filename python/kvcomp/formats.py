@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _C
+from . import _native
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class KVFormat:
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"format spec must be a str, got {type(spec).__name__}")
-        d = _C.describe_format(spec)
+        d = _native.describe_format(spec)
         return cls(d["name"], SideFormat(**d["k"]), SideFormat(**d["v"]))
 
     @property
@@ -61,7 +61,7 @@ class KVFormat:
 
     def tile_bytes(self, head_dim: int, block_size: int = 16) -> int:
         """Bytes of one tile: block_size tokens of one KV head, K then V."""
-        return _C.tile_bytes(self.name, int(head_dim), int(block_size))
+        return _native.tile_bytes(self.name, int(head_dim), int(block_size))
 
     def bytes_per_token(self, head_dim: int, block_size: int = 16) -> int:
         """Exact pool bytes per token, one layer and KV head, K plus V,
@@ -72,16 +72,16 @@ class KVFormat:
 
     def layout(self, head_dim: int, block_size: int = 16) -> dict:
         """Byte offsets of a tile's regions (see docs/format.md)."""
-        return _C.tile_layout(self.name, int(head_dim), int(block_size))
+        return _native.tile_layout(self.name, int(head_dim), int(block_size))
 
     def storable_max(self, head_dim: int) -> tuple[float, float]:
         """The largest |x| the K and V sides store (fp16: below 65520; 16-bit
         scales: 65504; rotated: 65504 / sqrt(head_dim)). The ops reject more."""
-        return tuple(_C.storable_max(self.name, int(head_dim)))
+        return tuple(_native.storable_max(self.name, int(head_dim)))
 
     def geometry(self, tile_bytes: int, head_dim: int = 0) -> tuple[int, int]:
         """(head_dim, block_size) of a pool whose last dimension is tile_bytes."""
-        return tuple(_C.infer_geometry(self.name, int(tile_bytes), int(head_dim)))
+        return tuple(_native.infer_geometry(self.name, int(tile_bytes), int(head_dim)))
 
     def __str__(self) -> str:
         return self.name

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import load as _st_load, save as _st_save
 
-from . import _C
+from . import _native
 from .cache import PagedKVCache, _Layer
 from .kvc_validate import Invalid, Plan, check_cache
 
@@ -94,7 +94,7 @@ def write(path, kind: str, body: dict, tensors: dict, key=None, encrypt_key=None
     from . import __version__
     key, encrypt_key = _keys(key, encrypt_key)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kvcomp_version": __version__,
-              "layout_version": int(_C.LAYOUT_VERSION), "kind": kind,
+              "layout_version": int(_native.LAYOUT_VERSION), "kind": kind,
               "integrity": "hmac-sha256" if key is not None else "sha256"}
     payload = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     if encrypt_key is None:
@@ -187,9 +187,9 @@ def read(path, kind: str, key=None, encrypt_key=None, report: Optional[dict] = N
     if header.get("integrity", "sha256") != ("hmac-sha256" if key is not None else "sha256") or \
             (version == 1 and ("integrity" in header or "encryption" in header)):
         raise bad(f"its header says integrity {header.get('integrity')!r}, which its trailer is not")
-    if header.get("layout_version") != _C.LAYOUT_VERSION:
+    if header.get("layout_version") != _native.LAYOUT_VERSION:
         raise bad(f"its blocks use pool layout version {header.get('layout_version')!r}, "
-                  f"this kvcomp reads version {_C.LAYOUT_VERSION}")
+                  f"this kvcomp reads version {_native.LAYOUT_VERSION}")
     if header.get("kind") != kind:
         hint = LOADERS.get(header["kind"]) if isinstance(header.get("kind"), str) else None
         raise bad(f"it holds a {header.get('kind')!r}, not a {kind!r}" + (f" (load it with {hint})" if hint else ""))

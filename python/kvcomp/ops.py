@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import _C
+from . import _native
 
 _ops = torch.ops.kvcomp
 
@@ -71,9 +71,7 @@ def set_cuda_validation(enabled: bool) -> bool:
     On (the default), CUDA ops check ids, lengths and NaN/Inf like the CPU ops,
     reading data on the host (a sync per call; skipped while a CUDA graph is
     being captured). Off, bad ids are skipped silently (never out of bounds)."""
-    previous = bool(_C.cuda_validation())
-    _C.set_cuda_validation(bool(enabled))
-    return previous
+    return _native.set_cuda_validation(bool(enabled))
 
 
 # ---------------------------------------------------------------- fake kernels
@@ -116,7 +114,7 @@ def _(pool, block_tables, keep, format):
 
 @torch.library.register_fake("kvcomp::gather_dequant")
 def _(pool, block_tables, seq_lens, format, dtype):
-    head_dim, _block_size = _C.infer_geometry(format, pool.shape[2], 0)
+    head_dim, _block_size = _native.infer_geometry(format, pool.shape[2], 0)
     max_len = torch.library.get_ctx().new_dynamic_size()
     shape = (block_tables.shape[0], pool.shape[1], max_len, head_dim)
     return pool.new_empty(shape, dtype=dtype), pool.new_empty(shape, dtype=dtype)
