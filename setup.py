@@ -65,7 +65,7 @@ def extension():
     srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda_bind/*.cpp")
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DKVCOMP_WITH_CUDA"]
     return cpp_extension.CUDAExtension("kvcomp._C", srcs, extra_compile_args={
-        "cxx": cpu_flags() + ["-DKVCOMP_WITH_CUDA"], "nvcc": nvcc + common_flags()}, **kwargs)
+        "cxx": cpu_flags() + ["-DKVCOMP_WITH_CUDA", "-DUSE_CUDA"], "nvcc": nvcc + common_flags()}, **kwargs)
 
 
 write_build_record()

@@ -5,8 +5,10 @@
 #
 # Stages, in the order given:
 #   info      nvidia-smi, python3/torch/CUDA/nvcc/compute-sanitizer versions
-#   build     python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0a,
-#             MAX_JOBS=16) -> $OUT/build.log; then checks every op has a CUDA kernel
+#   build     the CUDA wheel: pip wheel --no-build-isolation (TORCH_CUDA_ARCH_LIST
+#             "8.0;9.0a", MAX_JOBS=16) -> build/device_check/dist, $OUT/build.log;
+#             its _C.abi3.so is unpacked into python/kvcomp/ (the tests run that
+#             binary); then checks every op has a CUDA kernel
 #   test      python3 -m pytest -m cuda -q tests -> $OUT/pytest-cuda.log
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA smoke tests
 #             (tests/test_cuda.py -k smoke) -> $OUT/sanitize-{memcheck,racecheck}.log
@@ -25,7 +27,7 @@
 #
 # Environment: OUT (output folder; the device tool sets it), PYTHON (python3),
 # KVCOMP_COMMIT (the sha to record in the JSON: the tree travels without .git),
-# TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (16), PYTEST_WORKERS (8, if
+# TORCH_CUDA_ARCH_LIST ("8.0;9.0a"), MAX_JOBS (16), PYTEST_WORKERS (8, if
 # pytest-xdist is installed), *_TIMEOUT per stage (seconds).
 set -euo pipefail
 
@@ -123,9 +125,14 @@ stage_build() {
   local secs
   secs=$(limit "${BUILD_TIMEOUT:-480}" 120)
   [ "$secs" = 0 ] && { defer build; return; }
-  run_logged build "$secs" "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
-    MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+  rm -rf build/lib.* build/bdist.* "$KEEP/dist" python/kvcomp/_C.cpython-*.so
+  run_logged build "$secs" "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}" \
+    MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip wheel --no-build-isolation --no-deps -w "$KEEP/dist" .
   [ "$LAST_RC" = 0 ] || die "build failed (exit code $LAST_RC): see build.log"
+  local wheel
+  wheel=$(ls "$KEEP"/dist/kvcomp-*-cp310-abi3-*.whl) || die "no cp310-abi3 wheel in $KEEP/dist"
+  "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("kvcomp/_C.abi3.so", "python")' "$wheel"
+  note "build: $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"
   require_build
   note "build: every op has a CUDA kernel"
 }

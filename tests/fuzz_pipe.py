@@ -105,14 +105,25 @@ def _write(stream, obj):
     stream.flush()
 
 
-def serve(run_case, mem_limit: int, threads: int):
+def _mapped_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def serve(run_case, mem_headroom: int, threads: int):
     """The worker's loop: read a case, answer with run_case's dict or
-    {"fail": traceback}. Address space is capped at ``mem_limit`` bytes, so a
-    huge allocation fails cleanly instead of swapping."""
+    {"fail": traceback}. Address space is capped at what torch mapped on
+    import plus ``mem_headroom`` bytes, so a huge allocation fails cleanly
+    instead of swapping (a CUDA build of torch maps far more than a CPU one,
+    even on a machine without a GPU)."""
     import resource
 
     import torch
-    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    limit = _mapped_bytes() + mem_headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(threads)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from C++ or Python must not corrupt the protocol

@@ -43,7 +43,7 @@ OPS = torch.ops.kvcomp
 # (SystemError, KeyError, a crash) is a bug.
 CLEAN_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, NotImplementedError, OverflowError)
 GUARD = 256  # guard bytes on each side of every tensor argument (a multiple of 64: alignment)
-MEM_LIMIT = 3 << 30  # address space: a huge allocation fails cleanly instead of swapping
+MEM_LIMIT = 3 << 30  # address space past torch's own: a huge allocation fails cleanly instead of swapping
 I32_MIN, I32_MAX = -2**31, 2**31 - 1
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -63,7 +63,7 @@ import fuzz_pipe  # noqa: E402
 from helpers import assert_same, gen_from, heavy_tailed  # noqa: E402
 from kvcomp import CacheFullError, KVCFileError, KVFormat, PagedKVCache, policies as P  # noqa: E402
 
-MEM_LIMIT = 3 << 30  # address space: a file that makes us allocate too much fails cleanly
+MEM_LIMIT = 3 << 30  # address space past torch's own: a file that makes us allocate too much fails cleanly
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RAW = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BOUNDARY = [-1, -7, 0, 2**31, 2**40, 2**63, 1.5, "x", None, [], {}, True]

@@ -504,7 +504,7 @@ def test_hf_cache_continues_in_a_new_process(tmp_path):
         want.append(gen.tolist())
         cases.append({"file": str(tmp_path / f"{i}.kvc"), "attn": attn})
     job = {"model": str(tmp_path / "model"), "ids": ids.tolist(), "new": new, "cases": cases}
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(kvcomp.__file__)))
     r = subprocess.run([sys.executable, "-c", _CONTINUE, json.dumps(job)], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

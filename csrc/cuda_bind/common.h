@@ -2,6 +2,9 @@
 // current stream, the validation gate, CUDA errors as exceptions.
 #pragma once
 #include <cuda_runtime_api.h>
+#ifndef USE_CUDA
+#define USE_CUDA  // declares the shim's CUDA part (aoti_torch_get_current_cuda_stream)
+#endif
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
