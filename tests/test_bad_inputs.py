@@ -292,6 +292,7 @@ def test_paged_decode_attention_rejects(case, with_logits):
 def test_paged_decode_attention_rejects_logits_out():
     c, q = _attn_base()
     for bad in (torch.zeros(2, 8, 19),            # too short for seq_len 20
+                torch.zeros(2, 8, 0),             # empty: its data pointer may be null
                 torch.zeros(2, 8, 30, dtype=torch.float16),
                 torch.zeros(2, 8, 30, dtype=torch.float64),
                 torch.zeros(2, 4, 30),            # heads

@@ -40,7 +40,8 @@ inline void cuda_check(cudaError_t err, const char* what) {
 #define KVCOMP_CUDA_CHECK(expr) ::kvcomp::cuda_op::cuda_check((expr), #expr)
 
 // Whether to run the host-side data checks (see ops/common.h): validation is
-// on and the current stream is not capturing a CUDA graph.
+// on and the current stream is not capturing a CUDA graph (the CUDA runtime's
+// cudaStreamIsCapturing, for c10's currentStreamCaptureStatus).
 inline bool host_checks() {
   if (!cuda_validation()) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -48,6 +49,8 @@ inline bool host_checks() {
   return status == cudaStreamCaptureStatusNone;
 }
 
+// The SM count (at::cuda::getCurrentDeviceProperties has no stable
+// equivalent: the CUDA runtime directly; cudaDeviceGetAttribute is cheap).
 inline int multiprocessor_count() {
   int device = 0, n = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");

@@ -19,14 +19,14 @@ std::tuple<Tensor, Tensor> paged_decode_attention(
   const int64_t batch = query.size(0), heads = query.size(1);
   const int hd = a.pool.layout.head_dim;
   KVCOMP_CHECK(cuda::paged_decode_head_dim_ok(hd),
-                    "head_dim must be 64, 128 or 256 on CUDA, got ", hd);
+               "head_dim must be 64, 128 or 256 on CUDA, got ", hd);
   KVCOMP_CHECK(batch <= 65535, "query has a batch of ", batch,
-                    "; at most 65535 sequences per call on CUDA");
+               "; at most 65535 sequences per call on CUDA");
   const Guard guard(pool);
   const Tensor pool_a = aligned(pool);  // tiles are copied in 16-byte pieces
   a.pool.data = pool_a.mutable_data_ptr<uint8_t>();
   if (host_checks()) {
-    if (a.logits) validate_logits_len(a.seq_lens, a.logits_len);
+    if (a.with_logits) validate_logits_len(a.seq_lens, a.logits_len);
     validate_paged(a.pool, a.bt, a.block_tables, a.seq_lens);
   }
   Tensor q = contig(query);
@@ -46,7 +46,8 @@ std::tuple<Tensor, Tensor> paged_decode_attention(
                        multiprocessor_count()};
   const size_t ws_bytes = cuda::paged_decode_workspace_bytes(p);
   Tensor ws = empty_on(pool, {(int64_t)ws_bytes}, ScalarType::Byte);
-  KVCOMP_CUDA_CHECK(cuda::paged_decode_attention(p, ws_bytes ? ws.mutable_data_ptr() : nullptr, stream()));
+  KVCOMP_CUDA_CHECK(cuda::paged_decode_attention(p, ws_bytes ? ws.mutable_data_ptr() : nullptr,
+                                                 stream()));
   return {out, lse};
 }
 

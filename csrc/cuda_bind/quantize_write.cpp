@@ -16,16 +16,18 @@ void quantize_write(const Tensor& key, const Tensor& value, Tensor& pool,
   if (host_checks()) {
     validate_slots(a.slots, p.num_blocks * p.layout.block_size);
     Tensor bad = first_bad_word(pool);
-    KVCOMP_CUDA_CHECK(cuda::find_unstorable_tokens(k.const_data_ptr(), v.const_data_ptr(), a.dtype, k.size(0),
-                                                p.num_heads, p.layout.head_dim, slots,
-                                                p.layout.k.fmt, p.layout.v.fmt,
-                                                word_ptr(bad), stream()));
+    KVCOMP_CUDA_CHECK(cuda::find_unstorable_tokens(k.const_data_ptr(), v.const_data_ptr(), a.dtype,
+                                                   k.size(0),
+                                                   p.num_heads, p.layout.head_dim, slots,
+                                                   p.layout.k.fmt, p.layout.v.fmt,
+                                                   word_ptr(bad), stream()));
     const int64_t first = read_word(bad);
     KVCOMP_CHECK(first == -1, first % 2 ? "value" : "key", "[", first / 2,
-                      "] holds NaN or Inf, or a value beyond what its format stores");
+                 "] holds NaN or Inf, or a value beyond what its format stores");
   }
-  KVCOMP_CUDA_CHECK(cuda::quantize_write(k.const_data_ptr(), v.const_data_ptr(), a.dtype, k.size(0), slots, p,
-                                      stream()));
+  KVCOMP_CUDA_CHECK(cuda::quantize_write(k.const_data_ptr(), v.const_data_ptr(), a.dtype, k.size(0),
+                                         slots, p,
+                                         stream()));
 }
 
 }  // namespace kvcomp::cuda_op

@@ -20,16 +20,18 @@ void seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks, Tensor& cold_
     validate_block_ids(a.dst, a.cold.num_blocks, "dst_blocks");
     Tensor bad = first_bad_word(hot_pool);
     KVCOMP_CUDA_CHECK(cuda::find_unstorable_blocks(a.hot, src, n, a.cold.layout.k.fmt,
-                                                 a.cold.layout.v.fmt, word_ptr(bad),
-                                                 stream()));
+                                                   a.cold.layout.v.fmt, word_ptr(bad),
+                                                   stream()));
     const int64_t first = read_word(bad);
     if (first != -1) {  // first = ((i * num_heads + head) * 2 + side) * block_size + token
       const int64_t bs = a.hot.layout.block_size, i = first / bs / 2 / a.hot.num_heads;
-      value_error("hot_pool block src_blocks[", i, "] = ", to_host(a.src).const_data_ptr<int32_t>()[i],
-                        " holds NaN or Inf, or a value beyond what its format stores (token ", first % bs, ")");
+      value_error("hot_pool block src_blocks[", i, "] = ",
+                  to_host(a.src).const_data_ptr<int32_t>()[i],
+                  " holds NaN or Inf, or a value beyond what its format stores (token ", first % bs, ")");
     }
   }
-  KVCOMP_CUDA_CHECK(cuda::seal_blocks(a.hot, src, a.cold, a.dst.const_data_ptr<int32_t>(), n, stream()));
+  KVCOMP_CUDA_CHECK(cuda::seal_blocks(a.hot, src, a.cold, a.dst.const_data_ptr<int32_t>(), n,
+                                      stream()));
 }
 
 }  // namespace kvcomp::cuda_op

@@ -23,8 +23,8 @@ ScoresArgs prepare_accumulate_scores(const Tensor& logits, const Tensor& lse,
   for (auto [t, name] : {std::pair{&lse, "lse"}, {&seq_lens, "seq_lens"}, {&scores, "scores"}})
     check_same_device(*t, name, logits, "logits");
   KVCOMP_CHECK(scores.size(1) > 0 && logits.size(1) % scores.size(1) == 0, "logits has ",
-                    logits.size(1), " query heads, not a multiple of scores' ", scores.size(1),
-                    " KV heads");
+               logits.size(1), " query heads, not a multiple of scores' ", scores.size(1),
+               " KV heads");
   return {contig(logits), contig(lse), contig(seq_lens)};
 }
 
@@ -33,7 +33,8 @@ namespace op {
 void accumulate_scores(const Tensor& logits, const Tensor& lse,
                        const Tensor& seq_lens, Tensor& scores) {
   ScoresArgs a = prepare_accumulate_scores(logits, lse, seq_lens, scores);
-  accumulate_scores_cpu(a.logits.const_data_ptr<float>(), logits.size(2), a.lse.const_data_ptr<float>(),
+  accumulate_scores_cpu(a.logits.const_data_ptr<float>(), logits.size(2),
+                        a.lse.const_data_ptr<float>(),
                         a.seq_lens.const_data_ptr<int32_t>(), logits.size(0), logits.size(1),
                         scores.mutable_data_ptr<float>(), scores.size(1), scores.size(2));
 }

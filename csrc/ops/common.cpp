@@ -51,7 +51,8 @@ Tensor to_dtype(const Tensor& t, ScalarType dtype) {
 }
 
 Tensor to_host(const Tensor& t) {
-  return t.is_cpu() ? t : torch::stable::to(t, torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  if (t.is_cpu()) return t;
+  return torch::stable::to(t, torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
 Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarType dtype) {
@@ -87,7 +88,7 @@ void check_dim(const Tensor& t, const char* name, int64_t dim, const char* shape
 void check_size(const Tensor& t, const char* name, int64_t d, int64_t expect,
                 const char* what) {
   KVCOMP_CHECK(t.size(d) == expect, name, " has shape ", Shape{t}, ": dimension ", d,
-                    " must be ", expect, " (", what, ")");
+               " must be ", expect, " (", what, ")");
 }
 
 void check_same_device(const Tensor& t, const char* name, const Tensor& ref,
@@ -113,8 +114,8 @@ Pool pool_arg(const Tensor& pool, const char* name, const FormatSpec& f,
   // read head_dim elements per row of an empty tensor), nor a size past int
   // truncate to a valid head_dim.
   KVCOMP_CHECK(!head_dim || (*head_dim > 0 && *head_dim <= kMaxHeadDim), name,
-                    ": the activations' head_dim ", head_dim.value_or(0), " is outside [1, ",
-                    kMaxHeadDim, "]");
+               ": the activations' head_dim ", head_dim.value_or(0), " is outside [1, ",
+               kMaxHeadDim, "]");
   Geometry g{};
   try {
     g = infer_geometry(f, pool.size(2), head_dim ? (int)*head_dim : 0);
@@ -144,7 +145,8 @@ namespace {
 std::atomic<bool> g_cuda_validation{true};
 }
 bool cuda_validation() { return g_cuda_validation.load(std::memory_order_relaxed); }
-void set_cuda_validation(bool enabled) { g_cuda_validation.store(enabled, std::memory_order_relaxed); }
+void set_cuda_validation(bool enabled) { g_cuda_validation.store(enabled,
+                                                                 std::memory_order_relaxed); }
 
 DType dtype_of(ScalarType t) {
   return t == ScalarType::Float ? DType::F32 : t == ScalarType::Half ? DType::F16 : DType::BF16;

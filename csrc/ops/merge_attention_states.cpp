@@ -10,7 +10,7 @@ MergeArgs prepare_merge_attention_states(const Tensor& out_a, const Tensor& lse_
   KVCOMP_CHECK(same_shape(out_b, out_a), "out_b has shape ", Shape{out_b},
                " but out_a has shape ", Shape{out_a});
   KVCOMP_CHECK(out_b.scalar_type() == out_a.scalar_type(), "out_b has dtype ",
-                    out_b.scalar_type(), " but out_a has dtype ", out_a.scalar_type());
+               out_b.scalar_type(), " but out_a has dtype ", out_a.scalar_type());
   for (auto [t, name] : {std::pair{&lse_a, "lse_a"}, {&lse_b, "lse_b"}}) {
     check_dtype(*t, name, {ScalarType::Float});
     bool rows = t->dim() == out_a.dim() - 1;
@@ -28,14 +28,15 @@ MergeArgs prepare_merge_attention_states(const Tensor& out_a, const Tensor& lse_
 namespace op {
 
 std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
-                                                          const Tensor& lse_a,
-                                                          const Tensor& out_b,
-                                                          const Tensor& lse_b) {
+                                                  const Tensor& lse_a,
+                                                  const Tensor& out_b,
+                                                  const Tensor& lse_b) {
   MergeArgs m = prepare_merge_attention_states(out_a, lse_a, out_b, lse_b);
   Tensor a = contig(to_dtype(m.a, ScalarType::Float)), b = contig(to_dtype(m.b, ScalarType::Float));
   Tensor out = torch::stable::empty_like(a), lse = torch::stable::empty_like(m.lse_a);
-  merge_attention_states_cpu(a.const_data_ptr<float>(), m.lse_a.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                             m.lse_b.const_data_ptr<float>(), m.rows, m.head_dim, out.mutable_data_ptr<float>(),
+  merge_attention_states_cpu(a.const_data_ptr<float>(), m.lse_a.const_data_ptr<float>(),
+                             b.const_data_ptr<float>(), m.lse_b.const_data_ptr<float>(), m.rows,
+                             m.head_dim, out.mutable_data_ptr<float>(),
                              lse.mutable_data_ptr<float>());
   return {to_dtype(out, out_a.scalar_type()), lse};
 }

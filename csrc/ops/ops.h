@@ -24,9 +24,9 @@ std::tuple<Tensor, Tensor> paged_decode_attention(
     const std::optional<Tensor>& logits_out);
 
 std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
-                                                          const Tensor& lse_a,
-                                                          const Tensor& out_b,
-                                                          const Tensor& lse_b);
+                                                  const Tensor& lse_a,
+                                                  const Tensor& out_b,
+                                                  const Tensor& lse_b);
 
 void accumulate_scores(const Tensor& logits, const Tensor& lse,
                        const Tensor& seq_lens, Tensor& scores);
@@ -37,10 +37,10 @@ void compact(Tensor& pool, const Tensor& block_tables, const Tensor& keep,
              const std::string& format);
 
 std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
-                                                  const Tensor& block_tables,
-                                                  const Tensor& seq_lens,
-                                                  const std::string& format,
-                                                  ScalarType dtype);
+                                          const Tensor& block_tables,
+                                          const Tensor& seq_lens,
+                                          const std::string& format,
+                                          ScalarType dtype);
 
 }  // namespace op
 }  // namespace kvcomp

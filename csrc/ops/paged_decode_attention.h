@@ -14,6 +14,7 @@ struct PagedDecodeArgs {
   Pool pool;
   BlockTables bt;                     // ids: block_tables' data (device memory on CUDA)
   Tensor block_tables, seq_lens;  // contiguous
+  bool with_logits;                   // logits_out given (its data may be null when empty)
   float* logits;                      // logits_out's data, or null
   int64_t logits_len;
 };

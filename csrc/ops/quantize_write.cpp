@@ -8,14 +8,14 @@ QuantizeWriteArgs prepare_quantize_write(const Tensor& key, const Tensor& value,
                                          const std::string& format) {
   const FormatSpec& f = spec_arg(format);
   KVCOMP_CHECK(!f.per_channel(), "format '", f.name,
-                    "' is per-channel: its blocks are quantized whole by seal_blocks, "
-                    "quantize_write cannot write single tokens into it");
+               "' is per-channel: its blocks are quantized whole by seal_blocks, "
+               "quantize_write cannot write single tokens into it");
   check_float_activation(key, "key");
   check_dim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   KVCOMP_CHECK(same_shape(value, key), "value has shape ", Shape{value},
                " but key has shape ", Shape{key});
   KVCOMP_CHECK(value.scalar_type() == key.scalar_type(), "value has dtype ",
-                    value.scalar_type(), " but key has dtype ", key.scalar_type());
+               value.scalar_type(), " but key has dtype ", key.scalar_type());
   check_same_device(key, "key", pool, "pool");
   check_same_device(value, "value", pool, "pool");
   check_same_device(slot_mapping, "slot_mapping", pool, "pool");

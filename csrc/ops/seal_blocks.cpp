@@ -9,9 +9,9 @@ SealArgs prepare_seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks,
   const FormatSpec& hf = spec_arg(hot_format, "hot_format");
   const FormatSpec& cf = spec_arg(cold_format, "cold_format");
   KVCOMP_CHECK(!hf.per_channel(), "hot_format '", hf.name,
-                    "' is per-channel; the hot tier holds per-token formats");
+               "' is per-channel; the hot tier holds per-token formats");
   KVCOMP_CHECK(!hf.k.rotated && !hf.v.rotated, "hot_format '", hf.name,
-                    "' is rotated (:h); the hot tier holds its tokens as they are");
+               "' is rotated (:h); the hot tier holds its tokens as they are");
   check_same_device(cold_pool, "cold_pool", hot_pool, "hot_pool");
   check_same_device(src_blocks, "src_blocks", hot_pool, "hot_pool");
   check_same_device(dst_blocks, "dst_blocks", hot_pool, "hot_pool");
@@ -26,8 +26,8 @@ SealArgs prepare_seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks,
     value_error("cold_format: ", e.what(), " (the hot pool's head_dim)");
   }
   KVCOMP_CHECK(cold_pool.size(2) == want, "cold_pool has tile_bytes ", cold_pool.size(2),
-                    " but format '", cf.name, "' with the hot pool's head_dim ", hd,
-                    " and block_size ", bs, " needs ", want);
+               " but format '", cf.name, "' with the hot pool's head_dim ", hd,
+               " and block_size ", bs, " needs ", want);
   Pool cold = pool_arg(cold_pool, "cold_pool", cf, hd);
   check_size(cold_pool, "cold_pool", 1, hot.num_heads, "num_kv_heads of hot_pool");
   for (auto [t, name] : {std::pair{&src_blocks, "src_blocks"}, {&dst_blocks, "dst_blocks"}}) {
