@@ -11,7 +11,7 @@ void compact(Tensor& pool, const Tensor& block_tables, const Tensor& keep,
   const Guard guard(pool);
   check_aligned_pool(pool, "pool");
   if (host_checks()) validate_keep(a.pool, a.bt, a.block_tables, a.keep);
-  Tensor src = torch::stable::empty_like(a.keep);  // kept positions without the -1 entries
+  Tensor src = empty_as(a.keep);  // kept positions without the -1 entries
   KVCOMP_CUDA_CHECK(cuda::compact(a.pool, a.bt, a.keep.const_data_ptr<int32_t>(), a.keep.size(2),
                                   src.mutable_data_ptr<int32_t>(), stream()));
 }

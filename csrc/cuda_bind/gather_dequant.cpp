@@ -21,7 +21,7 @@ std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
   if (host_checks()) validate_paged(a.pool, a.bt, a.block_tables, sl);
   Tensor key = empty_on(pool, {a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim},
                         dtype);
-  Tensor value = torch::stable::empty_like(key);
+  Tensor value = empty_as(key);
   KVCOMP_CUDA_CHECK(cuda::gather_dequant(a.pool, a.bt, sl.const_data_ptr<int32_t>(), max_len,
                                          dtype_of(dtype), key.mutable_data_ptr(), value.mutable_data_ptr(),
                                          stream()));

@@ -14,7 +14,7 @@ std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
                                                   const Tensor& lse_b) {
   MergeArgs m = prepare_merge_attention_states(out_a, lse_a, out_b, lse_b);
   const Guard guard(out_a);
-  Tensor out = torch::stable::empty_like(m.a), lse = torch::stable::empty_like(m.lse_a);
+  Tensor out = empty_as(m.a), lse = empty_as(m.lse_a);
   KVCOMP_CUDA_CHECK(cuda::merge_attention_states(
       m.a.const_data_ptr(), m.lse_a.const_data_ptr<float>(), m.b.const_data_ptr(),
       m.lse_b.const_data_ptr<float>(), m.rows, m.head_dim, dtype_of(out_a.scalar_type()),

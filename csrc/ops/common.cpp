@@ -55,6 +55,8 @@ Tensor to_host(const Tensor& t) {
   return torch::stable::to(t, torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
+Tensor empty_as(const Tensor& t) { return torch::stable::new_empty(t, t.sizes()); }
+
 Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarType dtype) {
   return torch::stable::new_empty(t, torch::headeronly::IntHeaderOnlyArrayRef(sizes), dtype);
 }

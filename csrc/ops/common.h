@@ -51,6 +51,9 @@ Tensor contig(const Tensor& t);
 Tensor to_dtype(const Tensor& t, ScalarType dtype);
 // t's data on the host: t itself on the CPU, else a copy (and a sync).
 Tensor to_host(const Tensor& t);
+// A new uninitialized tensor of t's shape, dtype and device (the shim's
+// new_empty: stable's empty_like is a by-name dispatcher call, slower per op).
+Tensor empty_as(const Tensor& t);
 // A new uninitialized tensor on t's device.
 Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarType dtype);
 // The largest of int32 [n] seq_lens (0 when empty); reads CPU data only.

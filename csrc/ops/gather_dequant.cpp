@@ -32,8 +32,7 @@ std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
   validate_paged(a.pool, a.bt, a.block_tables, sl);
   Tensor key = empty_on(pool, {a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim},
                         dtype);
-  Tensor value = empty_on(pool, {a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim},
-                          dtype);
+  Tensor value = empty_as(key);
   gather_dequant_cpu(a.pool, a.bt, sl.const_data_ptr<int32_t>(), max_len, dtype_of(dtype),
                      key.mutable_data_ptr(), value.mutable_data_ptr());
   return {key, value};

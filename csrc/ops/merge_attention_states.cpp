@@ -33,7 +33,7 @@ std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
                                                   const Tensor& lse_b) {
   MergeArgs m = prepare_merge_attention_states(out_a, lse_a, out_b, lse_b);
   Tensor a = contig(to_dtype(m.a, ScalarType::Float)), b = contig(to_dtype(m.b, ScalarType::Float));
-  Tensor out = torch::stable::empty_like(a), lse = torch::stable::empty_like(m.lse_a);
+  Tensor out = empty_as(a), lse = empty_as(m.lse_a);
   merge_attention_states_cpu(a.const_data_ptr<float>(), m.lse_a.const_data_ptr<float>(),
                              b.const_data_ptr<float>(), m.lse_b.const_data_ptr<float>(), m.rows,
                              m.head_dim, out.mutable_data_ptr<float>(),
