@@ -59,7 +59,13 @@ def test_build_record_matches_the_running_torch():
     assert _native._version(record["torch_built"]) >= _native._version(record["torch_min"])
 
 
-def test_an_older_torch_is_refused(monkeypatch):
+def test_build_info():
+    info = kvcomp.build_info()
+    assert info["torch_min"] == _native.BUILD["torch_min"] and info["layout_version"] == kvcomp.LAYOUT_VERSION
+    assert info["cpu_isa"] in ("avx2", "portable") and isinstance(info["with_cuda"], bool)
+
+
+def test_an_older_torch_is_refused():
     """The check in _native runs before the binary loads: a torch older than
     the record's torch_min gets an ImportError that says what to install."""
     code = ("import sys, torch; torch.__version__ = '2.10.0'; "

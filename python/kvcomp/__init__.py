@@ -16,6 +16,7 @@ from .kvc_file import KVCFileError
 
 __version__ = "0.1.0"
 LAYOUT_VERSION = _native.LAYOUT_VERSION
+build_info = _native.build_info
 
 __all__ = ["KVFormat", "allocate_pool", "ops", "Policy", "policies", "PagedKVCache", "CacheFullError",
-           "KVCFileError", "LAYOUT_VERSION", "__version__"]
+           "KVCFileError", "LAYOUT_VERSION", "build_info", "__version__"]

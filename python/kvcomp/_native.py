@@ -48,6 +48,13 @@ WITH_CUDA: bool = _INFO["with_cuda"]  # CUDA kernels in the binary
 CPU_ISA: str = _INFO["cpu_isa"]       # "avx2" or "portable"
 
 
+def build_info() -> dict:
+    """How this kvcomp was built: the torch it was compiled against
+    (``torch_built``), the oldest torch it runs with (``torch_min``), the tile
+    layout version, whether it has CUDA kernels, the CPU kernels' ISA."""
+    return {**BUILD, **_INFO}
+
+
 def describe_format(spec: str) -> dict:
     d = json.loads(_host.describe_format(spec))
     for side in ("k", "v"):
