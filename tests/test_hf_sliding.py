@@ -30,6 +30,9 @@ def family(name: str):
     if name == "qwen2":    # use_sliding_window from max_window_layers on
         return T.Qwen2Config(**COMMON, sliding_window=W, use_sliding_window=True, max_window_layers=1), \
             T.Qwen2ForCausalLM, "sdpa"
+    if name == "qwen3":    # as qwen2, with q/k norms
+        return T.Qwen3Config(**COMMON, sliding_window=W, use_sliding_window=True, max_window_layers=1), \
+            T.Qwen3ForCausalLM, "sdpa"
     if name == "gemma3":
         return T.Gemma3TextConfig(**COMMON, sliding_window=W, layer_types=mixed), T.Gemma3ForCausalLM, "sdpa"
     if name == "cohere2":
@@ -71,7 +74,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1) / b.norm(dim=-1)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "cohere2", "gpt-oss"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3", "cohere2", "gpt-oss"])
 def test_full_matches_dynamic_cache_past_the_window(name):
     model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -165,3 +168,39 @@ def test_save_and_load_keep_windows_and_per_layer_policies(tmp_path):
         a = model(step, past_key_values=cache, use_cache=True).logits
         b = model(step, past_key_values=back, use_cache=True).logits
     assert torch.equal(a, b)
+
+
+def hybrid(name: str):
+    """Tiny random configs of two hybrid families: LFM2 (short-conv layers) and
+    Qwen3-Next (gated-delta-rule linear attention, MoE); transformers' torch
+    fallbacks run their recurrent layers."""
+    T = transformers
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    if name == "lfm2":
+        return T.Lfm2Config(**common, layer_types=["conv", "full_attention"] * 2), T.Lfm2ForCausalLM
+    return T.Qwen3NextConfig(**common, head_dim=32, layer_types=["linear_attention", "full_attention"] * 2,
+                             num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32, linear_num_value_heads=2, linear_num_key_heads=2,
+                             linear_key_head_dim=16, linear_value_head_dim=16), T.Qwen3NextForCausalLM
+
+
+@pytest.mark.parametrize("name", ["lfm2", "qwen3-next"])
+def test_hybrid_models_keep_their_recurrent_layers_and_compress_attention(name):
+    """Recurrent layers stay in transformers' own cache layers (their state
+    is not a KV cache); attention layers become kvcomp's. full() matches
+    DynamicCache; int8 stays within its quantization error."""
+    cfg, cls = hybrid(name)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    tokens = []
+    ref, _ = decode(model, DynamicCache(config=cfg), "sdpa", ids, tokens)
+    for policy, bound in ((P.full(), 1e-5), (P.int8(), 2e-2)):
+        cache = KVCompCache(policy=policy, config=cfg)
+        got, _ = decode(model, cache, "kvcomp", ids, tokens)
+        kinds = [type(l).__name__ for l in cache.layers]
+        assert kinds == ["LinearAttentionLayer", "KVCompLayer"] * 2, kinds
+        assert rel(got, ref).max() <= bound
+        assert cache.stats()["tokens"] == PROMPT + STEPS and cache.stats()["layers"] == 2
