@@ -34,14 +34,7 @@ STABLE_TORCH_LIBRARY(kvcomp, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(kvcomp, CPU, m) {
   using namespace kvcomp::op;
-  m.impl("quantize_write", TORCH_BOX(&quantize_write));
-  m.impl("seal_blocks", TORCH_BOX(&seal_blocks));
-  m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention));
-  m.impl("merge_attention_states", TORCH_BOX(&merge_attention_states));
-  m.impl("accumulate_scores", TORCH_BOX(&accumulate_scores));
-  m.impl("heavy_hitter_topk", TORCH_BOX(&heavy_hitter_topk));
-  m.impl("compact", TORCH_BOX(&compact));
-  m.impl("gather_dequant", TORCH_BOX(&gather_dequant));
+  KVCOMP_IMPL_EVERY_OP(m);
 }
 
 namespace kvcomp::host {

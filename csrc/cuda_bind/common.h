@@ -22,16 +22,6 @@ struct Guard {
   torch::stable::accelerator::DeviceGuard guard;
 };
 
-// torch's current stream on the current device (the stable C shim; its C++
-// Stream::native_handle needs torch 2.13, our target is older).
-inline cudaStream_t stream() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) throw std::runtime_error("cudaGetDevice failed");
-  void* s = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &s));
-  return static_cast<cudaStream_t>(s);
-}
-
 // A launcher's error as an exception (RuntimeError in Python).
 inline void cuda_check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
@@ -39,13 +29,23 @@ inline void cuda_check(cudaError_t err, const char* what) {
 }
 #define KVCOMP_CUDA_CHECK(expr) ::kvcomp::cuda_op::cuda_check((expr), #expr)
 
+// torch's current stream on the current device (the stable C shim; its C++
+// Stream::native_handle needs torch 2.13, our target is older).
+inline cudaStream_t stream() {
+  int device = 0;
+  KVCOMP_CUDA_CHECK(cudaGetDevice(&device));
+  void* s = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &s));
+  return static_cast<cudaStream_t>(s);
+}
+
 // Whether to run the host-side data checks (see ops/common.h): validation is
 // on and the current stream is not capturing a CUDA graph (the CUDA runtime's
 // cudaStreamIsCapturing, for c10's currentStreamCaptureStatus).
 inline bool host_checks() {
   if (!cuda_validation()) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cuda_check(cudaStreamIsCapturing(stream(), &status), "cudaStreamIsCapturing");
+  KVCOMP_CUDA_CHECK(cudaStreamIsCapturing(stream(), &status));
   return status == cudaStreamCaptureStatusNone;
 }
 
@@ -53,9 +53,8 @@ inline bool host_checks() {
 // equivalent: the CUDA runtime directly; cudaDeviceGetAttribute is cheap).
 inline int multiprocessor_count() {
   int device = 0, n = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
+  KVCOMP_CUDA_CHECK(cudaGetDevice(&device));
+  KVCOMP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
 }
 

@@ -17,7 +17,7 @@ std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
   check_aligned_pool(pool, "pool");
   const Tensor& sl = a.seq_lens;
   // The output's shape depends on seq_lens: a sync whatever the validation.
-  const int64_t max_len = std::max<int64_t>(0, max_seq_len(to_host(sl)));
+  const int64_t max_len = std::max<int64_t>(0, max_seq_len(sl));
   if (host_checks()) validate_paged(a.pool, a.bt, a.block_tables, sl);
   Tensor key = empty_on(pool, {a.bt.batch, a.pool.num_heads, max_len, a.pool.layout.head_dim},
                         dtype);

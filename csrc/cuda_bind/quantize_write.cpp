@@ -17,8 +17,7 @@ void quantize_write(const Tensor& key, const Tensor& value, Tensor& pool,
     validate_slots(a.slots, p.num_blocks * p.layout.block_size);
     Tensor bad = first_bad_word(pool);
     KVCOMP_CUDA_CHECK(cuda::find_unstorable_tokens(k.const_data_ptr(), v.const_data_ptr(), a.dtype,
-                                                   k.size(0),
-                                                   p.num_heads, p.layout.head_dim, slots,
+                                                   k.size(0), p.num_heads, p.layout.head_dim, slots,
                                                    p.layout.k.fmt, p.layout.v.fmt,
                                                    word_ptr(bad), stream()));
     const int64_t first = read_word(bad);
@@ -26,8 +25,7 @@ void quantize_write(const Tensor& key, const Tensor& value, Tensor& pool,
                  "] holds NaN or Inf, or a value beyond what its format stores");
   }
   KVCOMP_CUDA_CHECK(cuda::quantize_write(k.const_data_ptr(), v.const_data_ptr(), a.dtype, k.size(0),
-                                         slots, p,
-                                         stream()));
+                                         slots, p, stream()));
 }
 
 }  // namespace kvcomp::cuda_op

@@ -44,8 +44,7 @@ Tensor heavy_hitter_topk(const Tensor& scores, const Tensor& seq_lens, int64_t k
   if (s.size(1) > 0 && host_checks())
     validate_seq_lens(a.seq_lens, s.size(2), "the length of scores");
   KVCOMP_CUDA_CHECK(cuda::heavy_hitter_topk(s.const_data_ptr<float>(), s.size(0) * s.size(1),
-                                            s.size(1),
-                                            s.size(2), a.seq_lens.const_data_ptr<int32_t>(), k,
+                                            s.size(1), s.size(2), a.seq_lens.const_data_ptr<int32_t>(), k,
                                             a.out.mutable_data_ptr<int32_t>(), stream()));
   return a.out;
 }

@@ -62,8 +62,9 @@ Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarTyp
 }
 
 int64_t max_seq_len(const Tensor& seq_lens) {
-  const int32_t* p = seq_lens.const_data_ptr<int32_t>();
-  return seq_lens.numel() ? *std::max_element(p, p + seq_lens.numel()) : 0;
+  const Tensor h = to_host(seq_lens);
+  const int32_t* p = h.const_data_ptr<int32_t>();
+  return h.numel() ? *std::max_element(p, p + h.numel()) : 0;
 }
 
 const FormatSpec& spec_arg(const std::string& format, const char* name) {
@@ -147,8 +148,9 @@ namespace {
 std::atomic<bool> g_cuda_validation{true};
 }
 bool cuda_validation() { return g_cuda_validation.load(std::memory_order_relaxed); }
-void set_cuda_validation(bool enabled) { g_cuda_validation.store(enabled,
-                                                                 std::memory_order_relaxed); }
+void set_cuda_validation(bool enabled) {
+  g_cuda_validation.store(enabled, std::memory_order_relaxed);
+}
 
 DType dtype_of(ScalarType t) {
   return t == ScalarType::Float ? DType::F32 : t == ScalarType::Half ? DType::F16 : DType::BF16;

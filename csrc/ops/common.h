@@ -56,8 +56,9 @@ Tensor to_host(const Tensor& t);
 Tensor empty_as(const Tensor& t);
 // A new uninitialized tensor on t's device.
 Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarType dtype);
-// The largest of int32 [n] seq_lens (0 when empty); reads CPU data only.
-int64_t max_seq_len(const Tensor& seq_lens_cpu);
+// The largest of contiguous int32 [n] seq_lens (0 when empty), read on the
+// host (a copy and a sync for a GPU tensor).
+int64_t max_seq_len(const Tensor& seq_lens);
 
 const FormatSpec& spec_arg(const std::string& format, const char* name = "format");
 

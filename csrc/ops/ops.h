@@ -10,37 +10,20 @@
 
 namespace kvcomp {
 namespace op {
-
-void quantize_write(const Tensor& key, const Tensor& value, Tensor& pool,
-                    const Tensor& slot_mapping, const std::string& format);
-
-void seal_blocks(const Tensor& hot_pool, const Tensor& src_blocks, Tensor& cold_pool,
-                 const Tensor& dst_blocks, const std::string& hot_format,
-                 const std::string& cold_format);
-
-std::tuple<Tensor, Tensor> paged_decode_attention(
-    const Tensor& query, const Tensor& pool, const Tensor& block_tables,
-    const Tensor& seq_lens, const std::string& format, double scale,
-    const std::optional<Tensor>& logits_out);
-
-std::tuple<Tensor, Tensor> merge_attention_states(const Tensor& out_a,
-                                                  const Tensor& lse_a,
-                                                  const Tensor& out_b,
-                                                  const Tensor& lse_b);
-
-void accumulate_scores(const Tensor& logits, const Tensor& lse,
-                       const Tensor& seq_lens, Tensor& scores);
-
-Tensor heavy_hitter_topk(const Tensor& scores, const Tensor& seq_lens, int64_t k);
-
-void compact(Tensor& pool, const Tensor& block_tables, const Tensor& keep,
-             const std::string& format);
-
-std::tuple<Tensor, Tensor> gather_dequant(const Tensor& pool,
-                                          const Tensor& block_tables,
-                                          const Tensor& seq_lens,
-                                          const std::string& format,
-                                          ScalarType dtype);
-
+#include "ops/signatures.inc"
 }  // namespace op
 }  // namespace kvcomp
+
+// Binds every op of the namespace in scope (`using namespace kvcomp::op` or
+// kvcomp::cuda_op) to the STABLE_TORCH_LIBRARY_IMPL block's library m.
+#define KVCOMP_IMPL_EVERY_OP(m)                                          \
+  do {                                                                   \
+    m.impl("quantize_write", TORCH_BOX(&quantize_write));                \
+    m.impl("seal_blocks", TORCH_BOX(&seal_blocks));                      \
+    m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention)); \
+    m.impl("merge_attention_states", TORCH_BOX(&merge_attention_states)); \
+    m.impl("accumulate_scores", TORCH_BOX(&accumulate_scores));          \
+    m.impl("heavy_hitter_topk", TORCH_BOX(&heavy_hitter_topk));          \
+    m.impl("compact", TORCH_BOX(&compact));                              \
+    m.impl("gather_dequant", TORCH_BOX(&gather_dequant));                \
+  } while (0)

@@ -44,8 +44,6 @@ from . import _C  # noqa: E402,F401  (registers torch.ops.kvcomp.* and torch.ops
 _host = torch.ops.kvcomp_host
 _INFO = json.loads(_host.build_info())
 LAYOUT_VERSION: int = _INFO["layout_version"]
-WITH_CUDA: bool = _INFO["with_cuda"]  # CUDA kernels in the binary
-CPU_ISA: str = _INFO["cpu_isa"]       # "avx2" or "portable"
 
 
 def build_info() -> dict:

@@ -51,8 +51,7 @@ class KVFormat:
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"format spec must be a str, got {type(spec).__name__}")
-        d = _native.describe_format(spec)
-        return cls(d["name"], SideFormat(**d["k"]), SideFormat(**d["v"]))
+        return _parse(spec)
 
     @property
     def per_channel(self) -> bool:
@@ -77,14 +76,22 @@ class KVFormat:
     def storable_max(self, head_dim: int) -> tuple[float, float]:
         """The largest |x| the K and V sides store (fp16: below 65520; 16-bit
         scales: 65504; rotated: 65504 / sqrt(head_dim)). The ops reject more."""
-        return tuple(_native.storable_max(self.name, int(head_dim)))
+        return _native.storable_max(self.name, int(head_dim))
 
     def geometry(self, tile_bytes: int, head_dim: int = 0) -> tuple[int, int]:
         """(head_dim, block_size) of a pool whose last dimension is tile_bytes."""
-        return tuple(_native.infer_geometry(self.name, int(tile_bytes), int(head_dim)))
+        return _native.infer_geometry(self.name, int(tile_bytes), int(head_dim))
 
     def __str__(self) -> str:
         return self.name
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(spec: str) -> KVFormat:
+    # Specs are immutable and the answer is a frozen KVFormat: one extension
+    # call (an op returning JSON, ~20 us) per distinct spec. Errors are not cached.
+    d = _native.describe_format(spec)
+    return KVFormat(d["name"], SideFormat(**d["k"]), SideFormat(**d["v"]))
 
 
 def allocate_pool(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
