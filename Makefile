@@ -117,7 +117,7 @@ endif
 
 cuda-objs: $(CUDA_OBJS) $(BIND_CHECKS)
 
-build/cuda-check/bind_%.ok: csrc/cuda_bind/%.cpp $(wildcard csrc/cuda_bind/*.h csrc/cuda/*.h csrc/ops/*.h csrc/kvcomp/*.h) $(VENV)/.deps
+build/cuda-check/bind_%.ok: csrc/cuda_bind/%.cpp $(wildcard csrc/cuda_bind/*.h csrc/cuda/*.h csrc/ops/*.h csrc/ops/*.inc csrc/kvcomp/*.h) $(VENV)/.deps
 	@mkdir -p $(@D)
 	g++ -std=c++17 -fsyntax-only -Wall -Werror -fvisibility=hidden -DKVCOMP_WITH_CUDA -DUSE_CUDA \
 	  $(TORCH_TARGET_FLAG) \
