@@ -116,8 +116,8 @@ def test_peers_bits_and_factory(tiny_model):
     model = LlamaForCausalLM.from_pretrained(tiny_model)
     cache = p.factory(model.config)()
     ids = torch.randint(0, 100, (1, 300))
-    from kvcomp.bench.evaluate import cache_arg
-    model(input_ids=ids, use_cache=True, **cache_arg(model, cache))
+    from kvcomp.integrations.hf import cache_kwarg
+    model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
     assert cache.get_seq_length() == 300
 
 

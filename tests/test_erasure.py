@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from kvcomp import PagedKVCache, Policy, policies as P
-from kvcomp.cache import _Allocator
+from kvcomp.storage import Allocator
 from helpers import gen_from
 
 H, D, HQ = 2, 64, 4
@@ -148,7 +148,7 @@ def fresh_pool(n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("wipe", WIPES)
 def test_allocator(wipe):
-    a = _Allocator(fresh_pool, 4, wipe)
+    a = Allocator(fresh_pool, 4, wipe)
     ids = a.take(3)
     a.pool[ids] = 0xAB
     a.give_back(ids[:2])
@@ -165,7 +165,7 @@ def test_allocator(wipe):
 def test_allocator_grows_on_demand_up_to_its_cap():
     """A pool starts empty, grows by at least a quarter (amortized), keeps
     every block's bytes and id, hands out zeroed blocks, and stops at its cap."""
-    a = _Allocator(fresh_pool, 100, "on_free")
+    a = Allocator(fresh_pool, 100, "on_free")
     assert a.pool.shape[0] == 0 and a.available == 100
     first = a.take(8)
     assert first == list(range(8)) and a.pool.shape[0] == 8
@@ -180,7 +180,7 @@ def test_allocator_grows_on_demand_up_to_its_cap():
     assert bool((a.pool[48:] == 0).all())
     a.take(a.available)
     assert a.pool.shape[0] == 100 and a.available == 0
-    assert _Allocator(fresh_pool, None, "on_free").available == math.inf
+    assert Allocator(fresh_pool, None, "on_free").available == math.inf
 
 
 # ============================================================== the paths

@@ -11,159 +11,21 @@ the streaming ring overwrites its oldest slots in place.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from . import ops
 from .formats import KVFormat, allocate_pool
 from .policy import Policy
-
-
-class CacheFullError(RuntimeError):
-    """No free blocks for an append; the cache is left as it was."""
-
-    def __init__(self, tier: str, tokens_needed: int, tokens_free: int):
-        self.tier, self.tokens_needed, self.tokens_free = tier, tokens_needed, tokens_free
-        super().__init__(f"the {tier} pool is full: this append needs {tokens_needed} more token slots "
-                         f"but {tokens_free} are free (raise max_tokens/max_seqs, free or forget sequences)")
-
-
-class _Allocator:
-    """Free list of one pool's blocks; the pool grows as blocks are taken, by
-    a quarter of its size at least (amortized: a block is copied ~5 times in
-    all, never once per step), up to ``cap`` blocks (None: no cap), so a
-    cache holds what its sequences use, not what they might. Freed blocks are
-    zeroed at once (``wipe="on_free"``) or when handed out again
-    (``"on_reuse"``, the ``dirty`` ones); either way no byte of a freed
-    sequence reaches another."""
-
-    GROWTH = 1.25
-
-    def __init__(self, make: Callable[[int], torch.Tensor], cap: Optional[int], wipe: str):
-        self.make, self.cap, self.wipe = make, cap, wipe
-        self.pool = make(0)
-        self.free_ids: list[int] = []  # pop() hands out the lowest free ids first
-        self.dirty: set[int] = set()  # free blocks not zeroed yet
-
-    @property
-    def available(self) -> int:
-        """Blocks a take() can still hand out (free, or the pool can grow by)."""
-        return math.inf if self.cap is None else len(self.free_ids) + self.cap - self.pool.shape[0]
-
-    def take(self, n: int) -> list[int]:
-        assert n <= self.available
-        if n > len(self.free_ids):
-            self._grow(n - len(self.free_ids))
-        ids = [self.free_ids.pop() for _ in range(n)]
-        self._zero(self.dirty.intersection(ids))
-        self.dirty.difference_update(ids)
-        return ids
-
-    def _grow(self, more: int) -> None:
-        old = self.pool.shape[0]
-        new = max(old + more, math.ceil(old * self.GROWTH))
-        new = new if self.cap is None else min(new, self.cap)
-        pool = self.make(new)  # zeroed
-        pool[:old] = self.pool
-        self.pool = pool
-        self.free_ids[:0] = range(new - 1, old - 1, -1)  # after the free ids already there
-
-    def give_back(self, ids: Sequence[int]) -> None:
-        if self.wipe == "on_free":
-            self._zero(ids)
-        else:
-            self.dirty.update(ids)
-        self.free_ids.extend(reversed(ids))
-
-    def scrub(self) -> None:
-        """Zeroes every free block not zeroed yet."""
-        self._zero(self.dirty)
-        self.dirty.clear()
-
-    def _zero(self, ids) -> None:
-        if ids:
-            self.pool[torch.tensor(sorted(ids), dtype=torch.long, device=self.pool.device)] = 0
-
-    @property
-    def used(self) -> int:
-        return self.pool.shape[0] - len(self.free_ids)
-
-
-class _Tier:
-    """One tier of one sequence in one layer."""
-
-    def __init__(self, heads: int, scores_device: Optional[torch.device]):
-        self.blocks: list[int] = []
-        self.pos = torch.empty(heads, 0, dtype=torch.long)
-        self.scores = None if scores_device is None else torch.zeros(heads, 0, device=scores_device)
-
-    @property
-    def len(self) -> int:
-        return self.pos.shape[1]
-
-    def add(self, pos: torch.Tensor, scores: Optional[torch.Tensor] = None) -> None:
-        """Appends slots for positions pos [heads, n] (and their scores)."""
-        self.pos = torch.cat([self.pos, pos], 1)
-        if self.scores is not None:
-            extra = scores if scores is not None else torch.zeros(pos.shape, device=self.scores.device)
-            self.scores = torch.cat([self.scores, extra], 1)
-
-    def select(self, idx: torch.Tensor) -> None:
-        """Keeps slots idx [heads, k] (what compact did to the pool)."""
-        self.pos = torch.gather(self.pos, 1, idx)
-        if self.scores is not None:
-            self.scores = torch.gather(self.scores, 1, idx.to(self.scores.device))
-
-
-class _Layer:
-    def __init__(self, heads: int, scores_device):
-        self.seen = 0  # tokens appended to this layer
-        self.hot = _Tier(heads, scores_device)
-        self.cold = _Tier(heads, scores_device)
-
-
-def storable_max(formats, head_dim: int) -> tuple[float, float]:
-    """The largest |x| of K and V that every one of ``formats`` stores
-    (format.h storable_max): what an append accepts, since hot values are
-    sealed into the cold tier later."""
-    limits = [KVFormat.parse(f).storable_max(head_dim) for f in formats]
-    return tuple(min(l[i] for l in limits) for i in (0, 1))
-
-
-def check_cap(max_tokens) -> None:
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-        raise ValueError(f"max_tokens must be a positive int or None (no cap), got {max_tokens!r}")
-
-
-def tier_capacity(policy: Policy) -> dict:
-    """Most tokens one sequence's tier holds in one layer (None: as many as
-    the pool has): a tiered policy's hot tier holds ``hot_window`` rounded up
-    to blocks, plus one block; the streaming ring ``sinks + window -
-    hot_window``; a policy without a cold tier (or hot tier) holds none there."""
-    p, bs = policy, policy.block_size
-    if p.hot_window is None:
-        return {"hot": None, "cold": 0}
-    ring = p.sinks + p.window - p.hot_window if p.eviction == "streaming" else None
-    return {"hot": 0 if p._direct() else (-(-p.hot_window // bs) + 1) * bs, "cold": ring}
-
-
-def pool_blocks(policy: Policy, max_tokens: Optional[int], max_seqs: int) -> dict:
-    """The most blocks per layer the hot and cold pools grow to (None: no
-    cap): ``max_tokens`` caps the cold pool (the hot pool without a cold
-    tier), ``max_seqs`` hot tiers the hot pool of a tiered policy."""
-    per_tokens = None if max_tokens is None else -(-max_tokens // policy.block_size)
-    hot_cap = tier_capacity(policy)["hot"]
-    if hot_cap is None:
-        return {"hot": per_tokens, "cold": 0}
-    return {"hot": max_seqs * hot_cap // policy.block_size, "cold": per_tokens}
+from .storage import Allocator, CacheFullError, LayerState, Tier, check_cap, pool_blocks, storable_max, tier_capacity
 
 
 class PagedKVCache:
     """The KV cache of many sequences, stored per ``policy`` (CONTRACT.md §4).
 
     Pools start empty and grow in blocks as sequences grow (amortized, see
-    ``_Allocator``): a short prompt costs what it holds. ``max_tokens`` caps
+    ``Allocator``): a short prompt costs what it holds. ``max_tokens`` caps
     the cold pool of each layer (or the hot pool under ``full()``; None: no
     cap); ``max_seqs`` caps the hot pools of tiered policies (each sequence
     holds at most ``hot_window`` rounded up to blocks, plus one). Past a cap,
@@ -203,7 +65,7 @@ class PagedKVCache:
         tiers = tier_capacity(p)
         self._hot_cap, self._ring_cap = (tiers["hot"], tiers["cold"]) if self._has_cold else (None, None)
         caps = pool_blocks(p, max_tokens, max_seqs)
-        allocator = lambda tier, fmt: _Allocator(
+        allocator = lambda tier, fmt: Allocator(
             lambda n: allocate_pool(n, bs, num_kv_heads, head_dim, fmt, self.device), caps[tier], p.wipe)
         self._hot_alloc = [allocator("hot", self.hot_format) for _ in range(num_layers)]
         self._cold_alloc = [allocator("cold", self.cold_format) for _ in range(num_layers)]
@@ -224,7 +86,7 @@ class PagedKVCache:
     def add_sequence(self, seq_id) -> None:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already exists")
-        self._seqs[seq_id] = [_Layer(self.num_kv_heads, self._scores_device) for _ in range(self.num_layers)]
+        self._seqs[seq_id] = [LayerState(self.num_kv_heads, self._scores_device) for _ in range(self.num_layers)]
 
     def has_sequence(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -260,7 +122,7 @@ class PagedKVCache:
                 raise CacheFullError(name, n * self.policy.block_size, alloc.available * self.policy.block_size)
         copies = []
         for l, st in enumerate(layers):
-            new = _Layer(self.num_kv_heads, self._scores_device)
+            new = LayerState(self.num_kv_heads, self._scores_device)
             new.seen = st.seen
             for name in ("hot", "cold"):
                 src, dst = getattr(st, name), getattr(new, name)
@@ -364,7 +226,7 @@ class PagedKVCache:
             raise ValueError(f"{name} holds values beyond +-{top:g}, the largest its tiers' formats store "
                              f"(fp16 storage below 65520, fp16 scales 65504, rotated formats 65504/sqrt(head_dim))")
 
-    def _fresh(self, st: _Layer, n: int) -> torch.Tensor:
+    def _fresh(self, st: LayerState, n: int) -> torch.Tensor:
         """Positions [kv_heads, n] of the next n tokens of a sequence."""
         pos = torch.arange(st.seen, st.seen + n).expand(self.num_kv_heads, n)
         st.seen += n
@@ -397,7 +259,7 @@ class PagedKVCache:
         return torch.tensor(blocks, dtype=torch.long)[slots // bs] * bs + slots % bs
 
     @staticmethod
-    def _grow(tier: _Tier, alloc: _Allocator, length: int, bs: int) -> None:
+    def _grow(tier: Tier, alloc: Allocator, length: int, bs: int) -> None:
         need = -(-length // bs) - len(tier.blocks)
         if need > 0:
             tier.blocks += alloc.take(need)
@@ -428,7 +290,7 @@ class PagedKVCache:
             slots.append(self._ring_slots(layer, cold, pos[i]))
         self._write(self.cold_pools[layer], self.cold_format, key, value, slots)
 
-    def _ring_slots(self, layer: int, cold: _Tier, new_pos: torch.Tensor) -> torch.Tensor:
+    def _ring_slots(self, layer: int, cold: Tier, new_pos: torch.Tensor) -> torch.Tensor:
         """Streaming: slots for new tokens (pool slot, or -1 when a newer token
         of the same write takes its place). Keeps the sinks and the newest."""
         cap, sinks, n = self._ring_cap, self.policy.sinks, new_pos.shape[1]
@@ -521,7 +383,7 @@ class PagedKVCache:
         for st, m in moves:
             self._drop_hot_front(layer, st, m)
 
-    def _drop_hot_front(self, layer: int, st: _Layer, m: int) -> None:
+    def _drop_hot_front(self, layer: int, st: LayerState, m: int) -> None:
         bs = self.policy.block_size
         self._hot_alloc[layer].give_back(st.hot.blocks[:m])
         st.hot.blocks = st.hot.blocks[m:]
@@ -537,22 +399,18 @@ class PagedKVCache:
         return k[0].transpose(0, 1), v[0].transpose(0, 1)
 
     # -------------------------------------------------------------- evict
-    def _evict(self, layer: int, st: _Layer, k: int) -> None:
-        """H2O: keeps the k cold tokens with the highest cumulative attention
-        (sinks always), per KV head; frees the blocks left empty (all of them
-        for k = 0: a fractional budget of a short sequence, no sinks)."""
+    def _evict(self, layer: int, st: LayerState, k: int) -> None:
+        """Keeps the k cold tokens per KV head that the policy's scorer picks
+        (:meth:`kvcomp.scorers.Scorer.keep`); frees the blocks left empty (all
+        of them for k = 0: a fractional budget of a short sequence, no sinks)."""
         cold = st.cold
         if k == 0:
             self._empty(cold, self._cold_alloc[layer])
             return
-        scores = cold.scores.clone()
-        scores[cold.pos.to(scores.device) < self.policy.sinks] = float("inf")
-        lens = torch.tensor([cold.len], dtype=torch.int32, device=self.device)
-        keep = ops.heavy_hitter_topk(scores[None], lens, k)
-        self._compact(layer, cold, keep[0].long().cpu(), self.cold_pools[layer], self.cold_format,
-                      self._cold_alloc[layer])
+        keep = self.policy.scoring.keep(cold.scores, cold.pos, self.policy.sinks, k)
+        self._compact(layer, cold, keep, self.cold_pools[layer], self.cold_format, self._cold_alloc[layer])
 
-    def _compact(self, layer: int, tier: _Tier, keep: torch.Tensor, pool, fmt, alloc) -> None:
+    def _compact(self, layer: int, tier: Tier, keep: torch.Tensor, pool, fmt, alloc) -> None:
         """Moves slots keep [kv_heads, k] (ascending) to 0..k-1, zeroes what is
         left of the old slots and frees the blocks past k."""
         bs, k = self.policy.block_size, keep.shape[1]
@@ -611,7 +469,7 @@ class PagedKVCache:
                 self._accumulate(tiers, lens, logits, lse)
         return (out.to(query.dtype), lse) if return_lse else out.to(query.dtype)
 
-    def _tables(self, tiers: list[_Tier]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, tiers: list[Tier]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(1, max(len(t.blocks) for t in tiers))
         bt = torch.zeros(len(tiers), width, dtype=torch.int32)
         for i, t in enumerate(tiers):
@@ -673,7 +531,7 @@ class PagedKVCache:
             alloc.scrub()
 
     @staticmethod
-    def _survivors(tier: _Tier, alive: torch.Tensor) -> torch.Tensor:
+    def _survivors(tier: Tier, alive: torch.Tensor) -> torch.Tensor:
         """Ascending slots [kv_heads, k] to keep: the alive ones, trimmed to the
         smallest count over heads by score (then recency)."""
         k = int(alive.sum(1).min())
@@ -681,7 +539,7 @@ class PagedKVCache:
         rank = torch.where(alive, rank, torch.full_like(rank, -math.inf))
         return torch.topk(rank, k, dim=1).indices.sort(dim=1).values
 
-    def _requeue_cold_tail(self, layer: int, st: _Layer) -> None:
+    def _requeue_cold_tail(self, layer: int, st: LayerState) -> None:
         """Sealed cold tiers grow by whole blocks; after a forget leaves a
         partial last block, its tokens go back to the hot tier."""
         bs, cold = self.policy.block_size, st.cold
@@ -753,10 +611,10 @@ class PagedKVCache:
                                              head_dim=head_dim, dtype=dtype), key=key, encrypt_key=encrypt_key)
 
     # ------------------------------------------------------------- helpers
-    def _alloc(self, tier: str, layer: int) -> _Allocator:
+    def _alloc(self, tier: str, layer: int) -> Allocator:
         return (self._hot_alloc if tier == "hot" else self._cold_alloc)[layer]
 
-    def _empty(self, tier: _Tier, alloc: _Allocator) -> None:
+    def _empty(self, tier: Tier, alloc: Allocator) -> None:
         """Gives back every block of ``tier``, which then holds nothing."""
         alloc.give_back(tier.blocks)
         tier.blocks = []
@@ -767,10 +625,10 @@ class PagedKVCache:
             raise KeyError(f"unknown sequence {seq_id!r} (add_sequence first)")
         return seq_id
 
-    def _state(self, seq_id, layer: int) -> _Layer:
+    def _state(self, seq_id, layer: int) -> LayerState:
         return self._states(layer, [seq_id])[0]
 
-    def _states(self, layer: int, seq_ids: Iterable) -> list[_Layer]:
+    def _states(self, layer: int, seq_ids: Iterable) -> list[LayerState]:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
         seq_ids = list(seq_ids)

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load as _st_load, save as _st_save
 
 from . import _native
-from .cache import PagedKVCache, _Layer
+from .cache import PagedKVCache
+from .storage import LayerState
 from .kvc_validate import Invalid, Plan, check_cache
 
 FORMAT = "kvcomp.kvc"
@@ -319,7 +320,7 @@ def build(plan: Plan, device) -> PagedKVCache:
     for seq_id, layers in plan.sequences:
         states = []
         for l, layer in enumerate(layers):
-            st = _Layer(plan.num_kv_heads, cache._scores_device)
+            st = LayerState(plan.num_kv_heads, cache._scores_device)
             st.seen = layer.seen
             for name in ("hot", "cold"):
                 t, stored = getattr(st, name), getattr(layer, name)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .cache import pool_blocks, storable_max, tier_capacity
+from .storage import pool_blocks, storable_max, tier_capacity
 from .formats import KVFormat
 from .policy import Policy
 
@@ -95,6 +95,9 @@ def integer(v, where: str, lo: int, hi: Optional[int] = None) -> int:
     return v
 
 
+_ADDED_POLICY_FIELDS = {"scorer": None, "pool": None}  # Policy fields newer than format version 2
+
+
 def check_policy(d, where: str = "policy") -> Policy:
     """The Policy a header names; every field as Policy writes it (an int
     stays an int, a spec is canonical), so the file says exactly one policy."""
@@ -105,6 +108,7 @@ def check_policy(d, where: str = "policy") -> Policy:
     except (TypeError, ValueError) as e:
         raise Invalid(where, str(e)) from None
     canonical = lambda x: json.dumps(x, sort_keys=True)
+    d = {**_ADDED_POLICY_FIELDS, **d}  # files written before these fields existed
     if canonical(dataclasses.asdict(policy)) != canonical(d):
         raise Invalid(where, f"{d} is not as Policy writes it: {dataclasses.asdict(policy)}")
     return policy

@@ -9,12 +9,14 @@ follows, so :meth:`Policy.bytes_per_token` plans capacity before allocating.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 
 from .formats import KVFormat
+from .scorers import SCORERS, Scorer
 
 EVICTIONS = (None, "h2o", "streaming")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -53,6 +55,15 @@ class Policy:
       prompt (the question) picks what its answer needs, so a fact hidden
       early survives. The whole prompt is held until then. Used by the Hugging
       Face integration; other callers score with ``PagedKVCache.add_scores``.
+      The same as ``scorer="window"``.
+    - ``scorer``: h2o only: how a prompt is scored (``kvcomp.scorers``).
+      ``"cumulative"`` (H2O, the default without ``observe``), ``"window"``
+      (SnapKV: the last ``observe`` tokens, 32 unless set) or
+      ``"reconstruct"`` (KVzip-style and query-agnostic: one extra pass
+      asking the model to repeat the context, ``KVCompCache.compress``; for a
+      document cached before its question).
+    - ``pool``: h2o's scores are max-pooled over this many neighbouring
+      positions (odd); ``None`` takes the scorer's default (:attr:`scoring`).
     - ``wipe``: when blocks given back (by ``free``, eviction, sealing, the
       streaming ring) are zeroed: ``"on_free"`` at once, so no freed byte
       stays in memory; ``"on_reuse"`` only when handed out again, so freeing
@@ -72,6 +83,8 @@ class Policy:
     observe: Optional[int] = None
     wipe: str = "on_free"
     name: str = "custom"
+    scorer: Optional[str] = None
+    pool: Optional[int] = None
 
     def __post_init__(self):
         try:
@@ -96,14 +109,25 @@ class Policy:
                    f"eviction={self.eviction!r} needs a cold tier: hot_window must not be None")
         if self.eviction == "h2o":
             self._check_budget()
+            self._check_scorer()
         else:
             _check(self.budget is None, f"budget applies to eviction='h2o' only, got budget={self.budget!r}")
             _check(self.evict_every is None, "evict_every applies to eviction='h2o' only")
             _check(self.observe is None, f"observe applies to eviction='h2o' only, got observe={self.observe!r}")
+            _check(self.scorer is None, f"scorer applies to eviction='h2o' only, got scorer={self.scorer!r}")
+            _check(self.pool is None, f"pool applies to eviction='h2o' only, got pool={self.pool!r}")
         if self.eviction == "streaming":
             self._check_streaming(fmt)
         else:
             _check(self.window is None, f"window applies to eviction='streaming' only, got window={self.window!r}")
+
+    def _check_scorer(self):
+        _check(self.scorer is None or self.scorer in SCORERS,
+               f"scorer must be one of {tuple(SCORERS)} or None, got {self.scorer!r}")
+        _check(self.observe is None or self.scorer in (None, "window"),
+               f"observe is the window of scorer='window', not of scorer={self.scorer!r}")
+        _check(self.pool is None or (_is_int(self.pool) and self.pool > 0 and self.pool % 2),
+               f"pool must be None or an odd int > 0, got {self.pool!r}")
 
     def _check_budget(self):
         b = self.budget
@@ -124,6 +148,17 @@ class Policy:
         _check(self.hot_window < w, f"hot_window ({self.hot_window}) must be smaller than window ({w})")
 
     # ------------------------------------------------------------ planning
+    @functools.cached_property
+    def scoring(self) -> Optional[Scorer]:
+        """The :class:`kvcomp.scorers.Scorer` of an h2o policy (None otherwise)."""
+        if self.eviction != "h2o":
+            return None
+        name = self.scorer or ("window" if self.observe is not None else "cumulative")
+        kw = {} if self.pool is None else {"pool": self.pool}
+        if name == "window" and self.observe is not None:
+            kw["window"] = self.observe
+        return SCORERS[name](**kw)
+
     @property
     def format(self) -> KVFormat:
         return KVFormat.parse(self.cold_format)

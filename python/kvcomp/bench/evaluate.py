@@ -6,8 +6,6 @@ chunks and every decode step read the compressed cache: compression acts on
 the answer, not only on the tokens after it."""
 from __future__ import annotations
 
-import inspect
-
 import random
 import re
 import time
@@ -15,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from ..integrations.hf import cache_kwarg
 
 # The classic pass-key task (Mohtashami & Jaggi, 2023).
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. "
@@ -75,18 +75,11 @@ def answer_of(text: str) -> Optional[str]:
     return m.group(0) if m else None
 
 
-def cache_arg(model, cache) -> dict:
-    """The cache as a forward/generate keyword: ``cache`` where the model takes
-    it (transformers >= 5.24 deprecates ``past_key_values`` for it), else
-    ``past_key_values``."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Feeds ids [1, n] through the cache in chunks; the last logits [vocab]."""
     for s in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, s:s + chunk], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[:, s:s + chunk], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float()
 
 
@@ -109,7 +102,7 @@ def greedy_later(model, tokenizer, case: NeedleCase, cache, chunk: int, max_new:
     prefill(model, case.ids[:, :case.question_start], cache, chunk)
     seconds = time.perf_counter() - start
     for t in _encode(tokenizer, SEPARATOR):
-        model(input_ids=torch.tensor([[t]]), **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([[t]]), **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
     logits = prefill(model, case.ids[:, case.question_start:], cache, chunk)
     return _decode(model, logits, cache, max_new), seconds
 
@@ -122,7 +115,7 @@ def _decode(model, logits: torch.Tensor, cache, max_new: int) -> list[int]:
         tokens.append(int(logits.argmax()))
         if tokens[-1] in eos or len(tokens) == max_new:
             break
-        logits = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_arg(model, cache),
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_kwarg(model, cache),
                        use_cache=True).logits[0, -1].float()
     return tokens
 
@@ -150,7 +143,7 @@ def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
             nll.append(-torch.log_softmax(logits.double(), -1)[ids[0, t]])
             top1.append(logits.argmax())
             if t + 1 < ids.shape[1]:
-                logits = model(input_ids=ids[:, t:t + 1], **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
+                logits = model(input_ids=ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits[0, -1].float()
             if progress:
                 progress()
     finally:

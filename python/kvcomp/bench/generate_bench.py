@@ -61,7 +61,7 @@ def one(args, which: str, length: int) -> dict:
     from transformers import DynamicCache
     from kvcomp import policies
     from . import models, peers
-    from .evaluate import cache_arg
+    from ..integrations.hf import cache_kwarg
     model, tok = models.load(models.resolve(args.model))
     with open(args.text, encoding="utf-8") as f:
         ids = tok(f.read(), return_tensors="pt").input_ids
@@ -76,16 +76,16 @@ def one(args, which: str, length: int) -> dict:
         make, attn = lambda: DynamicCache(config=model.config), "sdpa"
     model.set_attn_implementation(attn)
     with torch.inference_mode():
-        model(input_ids=ids[:, :16], use_cache=True, **cache_arg(model, make()))  # warm up
+        model(input_ids=ids[:, :16], use_cache=True, **cache_kwarg(model, make()))  # warm up
         base = live_rss()
         cache = make()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_arg(model, cache))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
         prefill_s = time.perf_counter() - t0
         token = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(args.new_tokens):
-            out = model(input_ids=token, use_cache=True, **cache_arg(model, cache))
+            out = model(input_ids=token, use_cache=True, **cache_kwarg(model, cache))
             token = out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t0
     added = live_rss() - base

@@ -19,9 +19,12 @@ lives here: the cache API changes between releases (tested: 5.x).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import inspect
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import AttentionInterface
@@ -30,8 +33,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
-from ..cache import PagedKVCache, check_cap
+from ..cache import PagedKVCache
+from ..storage import check_cap
 from ..policy import Policy
+from ..scorers import CumulativeAttention, Scorer
 
 __all__ = ["BlindEvictionError", "KVCompCache", "kvcomp_attention"]
 
@@ -45,9 +50,13 @@ class _Tagged:
     """What ``update`` hands the attention function beside K/V (as a tensor
     attribute, since transformers passes only tensors along)."""
 
-    def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int, positions: Optional[list]):
+    def __init__(self, layer: "KVCompLayer", held: torch.Tensor, new_tokens: int, positions: Optional[list],
+                 first: int, reconstruct: bool = False, evict_due: bool = False):
         self.layer, self.held, self.new_tokens = layer, held, new_tokens
         self.positions = positions  # per row: [kv_heads, held] positions of the dequantized columns
+        self.first = first  # the position of the chunk's first token
+        self.reconstruct = reconstruct  # a KVCompCache.compress pass: the chunk is not stored
+        self.evict_due = evict_due  # a decode step passed an eviction point: evict once scored
 
 
 def _stored_policy(policy: Policy, sliding_window: Optional[int], dtype: torch.dtype) -> Policy:
@@ -70,7 +79,10 @@ class KVCompLayer(CacheLayerMixin):
         self.is_croppable = not self.is_sliding  # a ring forgets what a rollback would need
         self.cache: Optional[PagedKVCache] = None
         self.native = False  # set once "kvcomp" attention has run: decode skips the dequantized copy
-        self.pending_evict = False  # an H2O prompt chunk awaits its scores before eviction
+        self.pending_evict = False  # a prompt chunk is held whole until its scorer lets the cache evict
+        self.compressed = False  # KVCompCache.compress scored this layer's context (Scorer.needs_pass)
+        self.reconstructing = False  # inside a compress pass: chunks are attended, not stored
+        self.awaiting_scores = False  # an evicting layer handed out K/V that no attention has scored yet
 
     def stored_policy(self, dtype: torch.dtype) -> Policy:
         """The policy of this layer's PagedKVCache."""
@@ -93,31 +105,51 @@ class KVCompLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, q, _ = key_states.shape
-        rows = list(range(b))
-        decode_native = self.native and q == 1
-        held = self.held_counts()
-        if self.cache.policy.eviction == "h2o" and not self.native and int(held.sum()):
+        rows, first = list(range(b)), self.get_seq_length()
+        scorer = self.cache.policy.scoring
+        if self.awaiting_scores:
             raise BlindEvictionError(
-                f"policy {self.cache.policy.name!r} evicts by attention scores, which only the \"kvcomp\" "
-                "attention computes, and the model's attention did not: load it with "
-                "attn_implementation=\"kvcomp\" (after import kvcomp.integrations.hf), or call "
-                "model.set_attn_implementation(\"kvcomp\"); eager and sdpa would evict blind")
+                f"policy {self.cache.policy.name!r} evicts by attention scores, and the model's attention "
+                "computed none: kvcomp scores under attn_implementation \"kvcomp\", \"sdpa\" and \"eager\" "
+                "(after import kvcomp.integrations.hf); load the model with one of them, or call "
+                "model.set_attn_implementation(\"kvcomp\"). Nothing was evicted.")
+        decode_native = self.native and q == 1 and not self.reconstructing
+        held = self.held_counts()
         prev = None if decode_native else self.dequantized()
-        observe = self.cache.policy.observe
-        if self.pending_evict and not (observe and q > 1):
-            self.cache.evict(0, rows)
-            self.pending_evict = False
-        # H2O evicts a prompt chunk only once its own attention is scored (in
-        # kvcomp_attention), with Policy.observe at the first decode step.
-        self.pending_evict = self.pending_evict or (q > 1 and self.cache.policy.eviction == "h2o")
+        if self.reconstructing:  # attended, never stored; the scorer reads the weights
+            self.awaiting_scores = scorer is not None and scorer.needs_pass
+            tag = _Tagged(self, held, q, prev[2], first, reconstruct=True)
+            return self._handed(key_states, value_states, prev, tag)
+        due = False
+        if scorer is not None:
+            if self.pending_evict and q == 1:
+                if scorer.needs_pass and not self.compressed:
+                    raise BlindEvictionError(
+                        f"policy {self.cache.policy.name!r} scores a context by reconstructing it (scorer="
+                        f"'reconstruct'), an extra pass that needs the model: call cache.compress(model, "
+                        f"input_ids) after the prefill, before decoding. Nothing was evicted.")
+                self.cache.evict(0, rows)
+                self.pending_evict = False
+            self.pending_evict = self.pending_evict or q > 1
+            self.awaiting_scores = True
+            due = q == 1 and self.cache.policy.evicts_during(first, first + q)
+        # Native decode evicts on append, as PagedKVCache.attend scores next; other
+        # paths evict once the attention scored the step (_score_and_evict).
         self.cache.append(0, rows, key_states.transpose(1, 2), value_states.transpose(1, 2),
-                          evict=not self.pending_evict)
-        if decode_native:
+                          evict=decode_native)
+        tag = _Tagged(self, held, q, None if prev is None else prev[2], first, evict_due=due and not decode_native)
+        return self._handed(key_states, value_states, prev, tag)
+
+    @staticmethod
+    def _handed(key_states, value_states, prev, tag: _Tagged):
+        """What update returns: the chunk alone (native decode) or after the
+        dequantized held tokens, tagged."""
+        if prev is None:
             k, v = key_states, value_states
         else:
             k = torch.cat([prev[0].to(key_states.dtype), key_states], 2)
             v = torch.cat([prev[1].to(value_states.dtype), value_states], 2)
-        k._kvcomp = _Tagged(self, held, q, None if prev is None else prev[2])
+        k._kvcomp = tag
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -133,7 +165,8 @@ class KVCompLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.cache, self.native, self.is_initialized, self.pending_evict = None, False, False, False
+        self.cache, self.is_initialized = None, False
+        self.native = self.pending_evict = self.compressed = self.reconstructing = self.awaiting_scores = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Assisted decoding: drops the newest ``-tokens_to_remove`` tokens
@@ -203,9 +236,9 @@ class KVCompLayer(CacheLayerMixin):
             V[i, :, n - m:] = torch.gather(v, 1, order[..., None].expand(-1, -1, d))
         return K, V, positions
 
-    def restore(self, cache: PagedKVCache, native: bool, pending_evict: bool) -> None:
+    def restore(self, cache: PagedKVCache, native: bool, pending_evict: bool, compressed: bool) -> None:
         """Takes over a loaded single-layer cache whose sequences are rows 0..batch-1."""
-        self.cache, self.native, self.pending_evict = cache, native, pending_evict
+        self.cache, self.native, self.pending_evict, self.compressed = cache, native, pending_evict, compressed
         self.batch_size = len(cache.sequences)
         self.dtype, self.device = cache.dtype, cache.device
         self.is_initialized = True
@@ -283,6 +316,42 @@ class KVCompCache(Cache):
                 "layers": len(parts), "hot_tokens": parts[0]["hot_tokens"], "cold_tokens": parts[0]["cold_tokens"],
                 "seen_tokens": parts[0]["seen_tokens"] // max(parts[0]["sequences"], 1)}
 
+    @torch.no_grad()
+    def compress(self, model, input_ids: torch.Tensor, *, prompt_ids: Optional[torch.Tensor] = None) -> dict:
+        """Evicts now every layer whose prompt is held whole awaiting its
+        scores (``Policy.scorer`` "window" or "reconstruct"), so a document
+        is compact before its question, a save or decoding. For
+        "reconstruct" it first runs one extra pass of ``prompt_ids`` +
+        ``input_ids`` (the context just prefilled, [batch, n], unpadded; the
+        prompt asks the model to repeat it, e.g. "Repeat the previous context
+        exactly."), attended and scored but not stored; layers of other
+        kinds (linear attention) are restored after it. Returns the pass's
+        ``seconds`` and ``tokens`` (0 without a pass)."""
+        pending = [l for l in self.layers if isinstance(l, KVCompLayer) and l.pending_evict]
+        start, tokens = time.perf_counter(), 0
+        if any(l.cache.policy.scoring.needs_pass for l in pending):
+            ids = input_ids if prompt_ids is None else torch.cat([prompt_ids.to(input_ids.device), input_ids], 1)
+            kept = {i: copy.deepcopy(l) for i, l in enumerate(self.layers) if not isinstance(l, KVCompLayer)}
+            for l in pending:
+                l.reconstructing = True
+            try:
+                model(input_ids=ids, **cache_kwarg(model, self), use_cache=True, logits_to_keep=1)
+            finally:
+                for l in pending:
+                    l.reconstructing = False
+                for i, l in kept.items():
+                    self.layers[i] = l
+            tokens = ids.shape[1]
+        for l in pending:
+            if l.awaiting_scores:
+                l.awaiting_scores = False
+                raise BlindEvictionError("the compress pass ran under an attention implementation that computes no "
+                                         "scores: use \"kvcomp\", \"sdpa\" or \"eager\". Nothing was evicted.")
+            l.cache.evict(0, list(range(l.batch_size)))
+            l.pending_evict = False
+            l.compressed = l.compressed or l.cache.policy.scoring.needs_pass
+        return {"seconds": time.perf_counter() - start if tokens else 0.0, "tokens": tokens}
+
     def save(self, path, *, key: Optional[bytes] = None, encrypt_key: Optional[bytes] = None) -> None:
         """Writes every layer's cache, the policy, ``max_tokens`` and each
         layer's batch size and flags to one ``.kvc`` file, atomically
@@ -300,7 +369,7 @@ class KVCompCache(Cache):
                 tensors.update(t)
             layers.append({"policy": dataclasses.asdict(layer.policy), "sliding_window": layer.sliding_window,
                            "batch_size": layer.batch_size if layer.is_initialized else 0, "native": layer.native,
-                           "pending_evict": layer.pending_evict, "cache": entry})
+                           "pending_evict": layer.pending_evict, "compressed": layer.compressed, "cache": entry})
         body = {"policy": None if self.policy is None else dataclasses.asdict(self.policy),
                 "max_tokens": self.max_tokens, "layers": layers}
         write(path, "hf.KVCompCache", body, tensors, key=key, encrypt_key=encrypt_key)
@@ -349,9 +418,9 @@ class KVCompCache(Cache):
                 if window is not None:
                     integer(window, f"{where}.sliding_window", 1, 1 << 30)
                 b = integer(field(e, "batch_size", where), f"{where}.batch_size", 0, 1 << 20)
-                flags = [field(e, k, where) for k in ("native", "pending_evict")]
+                flags = [field(e, k, where) for k in ("native", "pending_evict")] + [e.get("compressed", False)]
                 if any(type(f) is not bool for f in flags):
-                    raise Invalid(where, f"native and pending_evict must be true or false, got {flags}")
+                    raise Invalid(where, f"native, pending_evict and compressed must be true or false, got {flags}")
                 if (field(e, "cache", where) is None) != (b == 0):
                     raise Invalid(f"{where}.cache", "must be null exactly when batch_size is 0")
                 plan = None
@@ -367,13 +436,20 @@ class KVCompCache(Cache):
         kvc_file.unused_tensors(tensors, names, path)
         t1 = time.perf_counter()
         out = cls(policy=common or [policy for policy, *_ in plans], max_tokens=per_seq)
-        for policy, window, plan, (native, pending_evict) in plans:
+        for policy, window, plan, flags in plans:
             layer = KVCompLayer(out, policy, window)
             if plan is not None:
-                layer.restore(kvc_file.build(plan, device), native, pending_evict)
+                layer.restore(kvc_file.build(plan, device), *flags)
             out.layers.append(layer)
         out.load_report = kvc_file.finish_report(report, t1 - t0, time.perf_counter() - t1)
         return out
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The cache as a forward/generate keyword: ``cache`` where the model takes
+    it (transformers >= 5.24 deprecates ``past_key_values`` for it), else
+    ``past_key_values``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -393,8 +469,9 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     sinks = kwargs.pop("s_aux", None)  # gpt-oss: a learned logit per head that takes a share of the softmax
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     b, _, q, _ = query.shape
-    if layer.native and q == 1:
+    if tag.positions is None:  # native decode: attend scores as it goes
         out, lse = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale, return_lse=True)
+        layer.awaiting_scores = False
         if sinks is not None:
             out = _with_sinks(out, lse, sinks)
         return out[:, None], None
@@ -407,22 +484,23 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
         lse = _masked_logits(query, key, mask, scale).logsumexp(-1)  # [b, heads, q]
         out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
-    if layer.pending_evict:
-        observe = layer.cache.policy.observe
-        _accumulate_prefill_scores(tag, query, key, mask, scale, observe)
-        if observe is None:
-            layer.cache.evict(0, list(range(b)))
-            layer.pending_evict = False
-    _forget_padding(layer, mask[:, 0, -1, -q:], q)
+    _score_and_evict(tag, query, key, mask, scale, sinks=sinks)
+    if not tag.reconstruct:
+        _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
     return out, None
 
 
-def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float,
+                   softcap: Optional[float] = None) -> torch.Tensor:
     """fp32 ``scale * q.k`` [batch, heads, q, kv] of every query head against
-    its KV head's keys, -inf where ``mask`` hides the key."""
+    its KV head's keys (soft-capped as Gemma 2 does), -inf where ``mask``
+    hides the key."""
     k = key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
-    return ((query.float() @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    logits = (query.float() @ k.transpose(-1, -2)) * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.masked_fill(~mask, float("-inf"))
 
 
 def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -448,8 +526,7 @@ def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> 
     if window is not None:
         for i in range(b):
             pos = tag.positions[i][0].to(device)  # a ring: every KV head holds the same positions
-            first = tag.layer.cache.seq_len(i) - q  # the chunk's first position
-            queries = torch.arange(first, first + q, device=device)
+            queries = torch.arange(tag.first, tag.first + q, device=device)
             mask[i, 0, :, prev - pos.numel():prev] &= queries[:, None] - pos[None, :] < window
     if attention_mask is None:
         chunk = _tril(q, device)
@@ -460,38 +537,74 @@ def _prefill_mask(tag: _Tagged, attention_mask, kv_len: int, q: int, device) -> 
     return mask
 
 
-_POOL = 15  # Policy.observe: a token's score is the max over this many neighbours (a 5-digit
-# number and the words around it, in SmolLM2's tokens)
-
-
-def _accumulate_prefill_scores(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
-                               scale: float, observe: Optional[int] = None) -> None:
-    """H2O counts attention from prompt chunks too (as the paper does): adds
-    each held token's softmax weight, summed over the chunk's queries and the
-    query heads of its KV head, to its score. Columns are the dequantized held
-    tokens (positions in ``tag.positions``) then the chunk's own tokens.
-    ``observe`` (SnapKV): only the chunk's last ``observe`` queries count, the
-    weights are max-pooled over _POOL neighbouring positions (a fact spans several
-    tokens) and replace the scores, so the prompt's last chunk decides."""
-    c = tag.layer.cache
-    chunk = query.shape[2]  # the chunk's own tokens are the last columns
-    if observe is not None:
-        query, mask = query[:, :, -observe:], mask[:, :, -observe:]
-    b, heads, _, _ = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    prev = kv_len - chunk
-    probs = _masked_logits(query, key, mask, scale).softmax(-1).nan_to_num_(0.0)
-    weight = probs.sum(2).view(b, kv_heads, heads // kv_heads, kv_len).sum(2).to(c.device)  # [b, kv, cols]
+def _score_and_evict(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float,
+                     probs: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                     sinks: Optional[torch.Tensor] = None) -> None:
+    """After an attention call over dequantized held tokens + a chunk (any
+    implementation): gives the held tokens (and the chunk's own) the scores
+    their policy's scorer (:mod:`kvcomp.scorers`) reads from the chunk's
+    attention weights, then evicts where the scorer allows. Columns of
+    ``key`` are the held tokens (positions in ``tag.positions``), then the
+    chunk. ``probs``: the attention weights when the implementation returned
+    them (eager); else they are recomputed from ``mask``."""
+    layer = tag.layer
+    layer.awaiting_scores = False
+    scorer = _chunk_scorer(layer, tag)
+    if scorer is None:
+        return
+    c, q = layer.cache, query.shape[2]
+    b, heads, kv_heads, kv_len = query.shape[0], query.shape[1], key.shape[1], key.shape[2]
+    prev = kv_len - q
+    counted = scorer.queries(q)
+    weight = None
+    step = max(1, (1 << 22) // (heads * kv_len))  # queries per block: ~16 MiB of fp32 weights
+    for s in range(*counted.indices(q)[:2], step):
+        block = slice(s, min(s + step, counted.indices(q)[1]))
+        p = probs[:, :, block] if probs is not None else \
+            _softmax(_masked_logits(query[:, :, block], key, mask[:, :, block], scale, softcap), sinks)
+        weight = scorer.combine(weight, scorer.weights(p.float().nan_to_num(0.0), kv_heads))
     for i in range(b):
         seen = c.seq_len(i)
-        held_pos = tag.positions[i].to(c.device)
         by_pos = torch.zeros(kv_heads, seen, device=c.device)
+        held_pos = tag.positions[i].to(c.device)
         m = held_pos.shape[1]
-        by_pos.scatter_(1, held_pos, weight[i, :, prev - m:prev])
-        by_pos[:, seen - chunk:] = weight[i, :, prev:]
-        if observe is not None:
-            by_pos = torch.nn.functional.max_pool1d(by_pos[None], _POOL, 1, _POOL // 2)[0]
-        c.add_scores(0, i, by_pos, replace=observe is not None)
+        by_pos.scatter_(1, held_pos, weight[i, :, prev - m:prev].to(c.device))
+        if not tag.reconstruct:
+            by_pos[:, tag.first:] = weight[i, :, prev:].to(c.device)
+        c.add_scores(0, i, scorer.pooled(by_pos), replace=scorer.replace)
+    rows = list(range(b))
+    if q == 1 and tag.evict_due:
+        c.evict(0, rows)
+    elif q > 1 and scorer.evict_after_chunk and not tag.reconstruct:
+        c.evict(0, rows)
+        layer.pending_evict = False
+
+
+_DECODE = CumulativeAttention()  # every decode step adds its attention (H2O), whatever scored the prompt
+
+
+def _chunk_scorer(layer: KVCompLayer, tag: _Tagged) -> Optional[Scorer]:
+    """The scorer of this attention call: the policy's for a prompt chunk or
+    a compress pass, H2O's for a decode step and for chunks after a
+    compress; None when nothing is scored."""
+    scorer = layer.cache.policy.scoring
+    if scorer is None:
+        return None
+    if tag.reconstruct:
+        return scorer if scorer.needs_pass else None
+    if tag.new_tokens == 1:
+        return _DECODE
+    if scorer.needs_pass:  # the compress pass scores the context; chunks after it score as H2O
+        return _DECODE if layer.compressed else None
+    return scorer
+
+
+def _softmax(logits: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention weights; with gpt-oss's sink logit per head in the denominator."""
+    if sinks is None:
+        return logits.softmax(-1)
+    lse = torch.logaddexp(logits.logsumexp(-1, keepdim=True), sinks.float()[None, :, None, None])
+    return (logits - lse).exp()
 
 
 def _forget_padding(layer: KVCompLayer, last_row: torch.Tensor, q: int) -> None:
@@ -515,5 +628,45 @@ def _runs(xs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _scoring(attention: Callable) -> Callable:
+    """``attention`` (transformers' sdpa, or a model's own eager function),
+    unchanged, then scoring for a KVCompCache layer whose policy evicts, so
+    eviction never runs blind under the implementations users load."""
+
+    @functools.wraps(attention)
+    def scored(module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = attention(module, query, key, value, attention_mask, *args, **kwargs)
+        tag = getattr(key, "_kvcomp", None)
+        if tag is not None and tag.layer.cache.policy.scoring is not None:
+            q = query.shape[2]
+            mask = _prefill_mask(tag, attention_mask, key.shape[2], q, query.device)
+            if attention_mask is not None and tag.first == 0 and \
+                    not torch.equal(mask[:, 0, :, -q:], _tril(q, query.device).expand(query.shape[0], q, q)):
+                raise ValueError(f"policy {tag.layer.cache.policy.name!r} evicts, and this batch is padded: "
+                                 f"under {attention.__name__} the model's mask would no longer match the held "
+                                 f"tokens; use attn_implementation=\"kvcomp\", which erases padding")
+            scaling = kwargs.get("scaling", args[0] if args else None)
+            _score_and_evict(tag, query, key, mask, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                             probs=weights, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+        return out, weights
+
+    return scored
+
+
+_get_interface = AttentionInterface.get_interface
+_scored: dict = {}
+
+
+def _get_scoring_interface(self, attn_implementation: str, default: Callable) -> Callable:
+    """AttentionInterface.get_interface, with eager and sdpa wrapped by
+    :func:`_scoring` (a model's eager function is its own ``default``, so it
+    cannot be registered once for all)."""
+    fn = _get_interface(self, attn_implementation, default)
+    if attn_implementation in ("eager", "sdpa"):
+        return _scored.setdefault(fn, _scoring(fn))
+    return fn
+
+
+AttentionInterface.get_interface = _get_scoring_interface
 AttentionInterface.register("kvcomp", kvcomp_attention)
 AttentionMaskInterface.register("kvcomp", sdpa_mask)
