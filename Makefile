@@ -3,6 +3,7 @@
 #                  (.venv-py3.10, where an interpreter is installed)
 # make test-fast — the developer loop: in-place build, the suite once in .venv
 # make bench     — in-place build, then the benchmark CLI on its default workload
+# make peers     — NVIDIA kvpress's presses on a prompt file, in .venv-peers (transformers < 5.3)
 # Each target creates what it needs from nothing (python3 with venv + a C++ compiler).
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +21,7 @@ VENV_NEXT  := .venv-torch2.14
 PY310      ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10))
 VENV_310   := .venv-py3.10
 
-.PHONY: all build test test-fast bench fuzz wheel cuda-check cuda-objs clean
+.PHONY: all build test test-fast bench peers fuzz wheel cuda-check cuda-objs clean
 
 all: test
 
@@ -75,6 +76,21 @@ bench: build $(VENV)/.eval
 	$(RUN) -m kvcomp.bench.cli ops --json bench/out/ops.json
 	$(RUN) -m kvcomp.bench.cli accuracy --quick $(if $(BENCH_TEXT),--text $(BENCH_TEXT)) \
 		--json bench/out/accuracy-quick.json --plot bench/out/accuracy-quick.png
+
+# kvpress (NVIDIA) as a peer of the accuracy benchmark: it pins transformers < 5.3, so it runs in
+# a venv of its own, on a prompt file the benchmark wrote; bench/kvpress_peers.py imports no kvcomp.
+VENV_PEERS := .venv-peers
+PEER_DEPS  := "$(TORCH)" kvpress==0.5.5 "transformers>=4.56,<5.3"
+PROMPTS    ?= bench/out/prompts.json
+ANSWERS    ?= bench/out/peer-answers.json
+
+$(VENV_PEERS)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV_PEERS)
+	$(VENV_PEERS)/bin/python -m pip install -q $(PEER_DEPS)
+	touch $@
+
+peers: $(VENV_PEERS)/.deps
+	$(VENV_PEERS)/bin/python bench/kvpress_peers.py $(PROMPTS) $(ANSWERS)
 
 # Long fuzz run, at low priority: fresh random cases for FUZZ_SECONDS in all
 # (default 30 min, whole seconds), KVC_FUZZ_SECONDS of them (default half) for

@@ -191,3 +191,45 @@ def test_generate_against_dynamic_cache(tiny_model, text, tmp_path):
         assert full["held_bytes"] == per_token * -(-(n + 4) // 16) * 16  # whole blocks of 16
         assert int8["bytes_x"] > 3  # 1 byte + an fp16 scale per row of 64, against 4 bytes
     assert cli.main(["generate", "--model", str(tiny_model), "--policies", "int9", "--text", str(text)]) == 2
+
+
+def test_peer_prompt_file_and_answers_merge(tiny_model, text, tmp_path, capsys):
+    """--prompts-out writes the run's prompts as ids (and stops); answers to
+    them (here: made up, one peer always right, one always wrong) merge into
+    the report scored like kvcomp's own; answers to other prompts are refused."""
+    common = ["accuracy", "--model", str(tiny_model), "--quick", "--policies", "int8", "--peers", "none",
+              "--lengths", "256", "--depths", "0,1", "--text", str(text), "--plain"]
+    prompts = tmp_path / "prompts.json"
+    assert cli.main(common + ["--prompts-out", str(prompts), "--peer-keep", "0.25"]) == 0
+    shared = json.loads(prompts.read_text())
+    assert shared["kind"] == "kvcomp.accuracy.prompts" and len(shared["cases"]) == 2
+    assert shared["compression_ratio"] == 0.75 and len(shared["ppl"]["ids"]) == 1
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_model)
+    import re
+    keys = [re.search(r"pass key is (\d{5})", tok.decode(c["ids"])).group(1) for c in shared["cases"]]
+    right = [tok(" " + k, add_special_tokens=False).input_ids for k in keys]
+    n = len(shared["ppl"]["ids"][0]) - shared["ppl"]["prefix"]
+    peer = lambda answers, nll: {"press": None, "answers": {"first": answers, "later": answers},
+                                 "prefill_seconds": 1.0, "nll": [[nll] * n], "error": None}
+    answers = {"kind": "kvcomp.accuracy.peer-answers", "version": 1, "prompts_digest": shared["digest"],
+               "torch": "x", "transformers": "5.2", "kvpress": "0.5.5", "threads": 1, "note": "masks",
+               "compression_ratio": 0.75,
+               "peers": {"uncompressed": peer(right, 2.0), "kvpress:right": peer(right, 2.2),
+                         "kvpress:wrong": peer([[0]] * 2, 2.0), "kvpress:broken": {"error": "no"}}}
+    path = tmp_path / "answers.json"
+    path.write_text(json.dumps(answers))
+    out = tmp_path / "acc.json"
+    assert cli.main(common + ["--peer-answers", str(path), "--peer-keep", "0.25", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    pols = {p["policy"]: p for p in data["policies"]}
+    assert list(pols) == ["uncompressed", "int8", "kvpress-env:uncompressed", "kvpress:right", "kvpress:wrong"]
+    for mode in ("first", "later"):
+        assert pols["kvpress:right"]["needle"][mode]["accuracy"] == 1.0
+        assert pols["kvpress:wrong"]["needle"][mode]["accuracy"] == 0.0
+    assert pols["kvpress:right"]["nll_ratio"] == pytest.approx(1.1)
+    assert pols["kvpress:right"]["bits_per_element"]["256"] == 4.0  # 16 bits x the 0.25 kept
+    assert data["outside_peers"]["note"] == "masks"
+    answers["prompts_digest"] = "0" * 64
+    path.write_text(json.dumps(answers))
+    assert cli.main(common + ["--peer-answers", str(path), "--peer-keep", "0.25"]) == 2
+    assert "other prompts" in capsys.readouterr().err

@@ -31,6 +31,7 @@ import kvcomp
 from .. import policies as presets
 from . import evaluate as ev
 from . import models
+from . import peer_files
 from . import timing
 from .peers import LLAMA_CPP, PEERS, llama_cpp_policy
 from .plots import pyplot
@@ -69,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="short lengths and texts, for a smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
+    p.add_argument("--prompts-out", metavar="PATH", help="write this run's prompts (token ids) for peers run "
+                                                         "elsewhere (make peers) to PATH, and stop")
+    p.add_argument("--peer-answers", metavar="PATH", help="merge the answers of peers run elsewhere on this run's "
+                                                          "--prompts-out file (same arguments and seed)")
+    p.add_argument("--peer-keep", type=float, default=0.125,
+                   help="share of the tokens peers keep (their budget; default 0.125, 1/8 of fp16's bytes)")
     p.add_argument("--json", metavar="PATH", help="write all numbers to PATH")
     p.add_argument("--plot", metavar="PNG", help="bits per element vs pass-key answers kept and perplexity "
                                                  "per policy (PNG), and the per-policy (length x depth) heatmap")
@@ -131,18 +138,43 @@ def run(args) -> int:
         ppl_ids = [torch.tensor([f.take(ppl_context, rng)]) for _, f in fillers] if texts else []
     except ValueError as e:
         return _error(str(e))
+    if not 0.0 < args.peer_keep <= 1.0:
+        return _error(f"--peer-keep must be in (0, 1], got {args.peer_keep}")
+    shared = peer_files.prompts(str(path), cases, ppl_ids, ppl_context - ppl_tokens, args.max_new, args.modes,
+                                ev.encode(tokenizer, ev.SEPARATOR), args.peer_keep)
+    if args.prompts_out:
+        write_json(args.prompts_out, shared)
+        print(f"wrote {args.prompts_out}: {len(cases)} prompts, digest {shared['digest'][:12]}")
+        return 0
+    try:
+        answers = peer_files.load_answers(args.peer_answers, shared) if args.peer_answers else None
+    except (OSError, ValueError) as e:
+        return _error(str(e))
 
-    started = time.perf_counter()
-    steps = len(caches) * (sum(_needle_cost(c, args.max_new) for _, c in cases) * len(args.modes)
-                           + ppl_tokens * len(ppl_ids))
-    with _progress(steps) as advance:
-        needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, args.modes, advance)
-        ppl = _run_perplexity(model, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) if ppl_ids else None
     # fp16 stores 16 bits an element: bits = 16 * bytes / fp16's bytes
     bits = {n: (lambda L, p=p: 16 * p.bytes_per_token(**geometry, seq_len=L, dtype=torch.float16) / fp16)
             for n, p in pols.items()}
     bits.update({n: PEERS[n].bits_per_element for n in peers})
     bits["uncompressed"] = lambda L: 16.0
+    started = time.perf_counter()
+    steps = len(caches) * (sum(_needle_cost(c, args.max_new) for _, c in cases) * len(args.modes)
+                           + ppl_tokens * len(ppl_ids))
+    with _progress(steps) as advance:
+        needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, args.modes, advance)
+        ppl = _run_perplexity(model, tokenizer, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) \
+            if ppl_ids else None
+    outside = {}  # peers answered elsewhere: name -> (their env's uncompressed name, per-token NLL)
+    if answers is not None:
+        seconds, nll = peer_files.merge(answers, needle["cases"], tokenizer, ev.answer_of, args.modes)
+        needle["prefill_seconds"].update(seconds)
+        base = "kvpress-env:uncompressed"
+        for name in seconds:
+            outside[name] = base
+            bits[name] = lambda L, keep=args.peer_keep if name != base else 1.0: 16.0 * keep
+            if ppl is not None and nll[name] is not None:
+                ppl[name] = {"nll": float(nll[name].mean()), "nll_ratio": float(nll[name].mean() / nll[base].mean()),
+                             "perplexity": float(nll[name].mean().exp()),
+                             "perplexity_ratio": float((nll[name].mean() - nll[base].mean()).exp())}
     result = {
         "device": timing.device_name(torch.device("cpu")), "torch": torch.__version__,
         "kvcomp": kvcomp.__version__, "commit": timing.git_commit(), "threads": torch.get_num_threads(),
@@ -154,9 +186,13 @@ def run(args) -> int:
         {"paths": [name for name, _ in texts], "context": ppl_context, "scored_tokens": ppl_tokens},
         "seconds": round(time.perf_counter() - started, 1),
         "needle_cases": needle["cases"],
-        "policies": [_summary(name, pols.get(name), needle, ppl, bits[name], fp16, lengths, depths, args.modes)
-                     for name in caches],
+        "policies": [_summary(name, pols.get(name), needle, ppl, bits[name], fp16, lengths, depths, args.modes,
+                              outside.get(name, "uncompressed"))
+                     for name in [*caches, *outside]],
     }
+    if answers is not None:
+        result["outside_peers"] = {k: answers[k] for k in ("torch", "transformers", "kvpress", "threads", "note",
+                                                           "compression_ratio")}
     _print(result, getattr(args, "plain", False))
     if args.json:
         write_json(args.json, result)
@@ -192,7 +228,7 @@ def _run_needle(model, tokenizer, cases, caches, chunk, max_new, modes, advance)
             row["answers"][name] = {}
             for mode in modes:
                 if mode == "first":
-                    tokens, seconds = ev.greedy(model, case.ids, make(), chunk, max_new)
+                    tokens, seconds = ev.greedy(model, case.ids, make(), chunk, max_new, tokenizer)
                 else:
                     tokens, seconds = ev.greedy_later(model, tokenizer, case, make(), chunk, max_new)
                 prefill[name] += seconds
@@ -211,8 +247,8 @@ def _run_needle(model, tokenizer, cases, caches, chunk, max_new, modes, advance)
     return {"cases": rows, "prefill_seconds": prefill}
 
 
-def _run_perplexity(model, ids_list, caches, prefix, chunk, advance) -> dict:
-    runs = {name: [ev.teacher_forced(model, ids, make(), prefix, chunk, advance) for ids in ids_list]
+def _run_perplexity(model, tokenizer, ids_list, caches, prefix, chunk, advance) -> dict:
+    runs = {name: [ev.teacher_forced(model, ids, make(), prefix, chunk, advance, tokenizer) for ids in ids_list]
             for name, make in caches.items()}
     joined = {name: ev.TeacherForced(torch.cat([r.nll for r in rs]), torch.cat([r.top1 for r in rs]),
                                      torch.cat([r.attn for r in rs]))
@@ -220,7 +256,7 @@ def _run_perplexity(model, ids_list, caches, prefix, chunk, advance) -> dict:
     return {name: ev.fidelity(r, joined["uncompressed"]) for name, r in joined.items()}
 
 
-def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes) -> dict:
+def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes, prefill_base="uncompressed") -> dict:
     by_mode = {}
     for mode in modes:
         answers = [(c["length"], c["depth"], c["answers"][name][mode]) for c in needle["cases"]]
@@ -246,10 +282,11 @@ def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes) -> d
         "fraction_of_fp16": {L: b / 16 for L, b in bpe.items()},
         "needle": by_mode,
         "prefill_seconds": round(needle["prefill_seconds"][name], 2),
-        "prefill_vs_uncompressed": needle["prefill_seconds"][name] / max(needle["prefill_seconds"]["uncompressed"], 1e-9),
+        # a peer run elsewhere against its own environment's uncompressed cache
+        "prefill_vs_uncompressed": needle["prefill_seconds"][name] / max(needle["prefill_seconds"][prefill_base], 1e-9),
     }
     if ppl is not None:
-        out.update({k: v for k, v in ppl[name].items()})
+        out.update(ppl.get(name, {}))
     return out
 
 

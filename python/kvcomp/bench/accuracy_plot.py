@@ -45,7 +45,7 @@ def plot_accuracy(result: dict, path: str) -> list[str]:
     ax.grid(alpha=0.3)
     if panels == 2:
         ax = axes[0, 1]
-        for p in pols:
+        for p in (p for p in pols if p.get("nll_ratio") is not None):
             x, y = p["bits_per_element"][at], p["nll_ratio"]
             ax.scatter(x, y, s=36, color="C2")
             ax.annotate(p["policy"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)

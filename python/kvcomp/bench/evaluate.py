@@ -40,7 +40,7 @@ class Filler:
     """Filler tokens: the repeated classic sentences, or windows of a text."""
 
     def __init__(self, tokenizer, text: Optional[str]):
-        self.tokens = _encode(tokenizer, text if text is not None else FILLER)
+        self.tokens = encode(tokenizer, text if text is not None else FILLER)
         self.repeat = text is None
 
     def take(self, n: int, rng: random.Random) -> list[int]:
@@ -57,8 +57,8 @@ def needle_case(tokenizer, filler: Filler, length: int, depth: float, rng: rando
     (0 = right after the instructions, 1 = right before the question)."""
     key = str(rng.randrange(10000, 100000))
     intro = tokenizer(INTRO).input_ids  # with the model's special tokens, if any
-    needle = _encode(tokenizer, NEEDLE.format(key=key))
-    question = _encode(tokenizer, QUESTION)
+    needle = encode(tokenizer, NEEDLE.format(key=key))
+    question = encode(tokenizer, QUESTION)
     n_fill = length - len(intro) - len(needle) - len(question)
     if n_fill < 0:
         raise ValueError(f"length {length} is too short for the pass-key prompt "
@@ -75,19 +75,29 @@ def answer_of(text: str) -> Optional[str]:
     return m.group(0) if m else None
 
 
+# What a reconstruction-scored cache (Policy.scorer="reconstruct") asks the
+# model before it repeats the context (KVCompCache.compress), as KVzip does.
+REPEAT = "\n\nRepeat the previous context exactly.\n"
+
+
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Feeds ids [1, n] through the cache in chunks; the last logits [vocab]."""
+def prefill(model, ids: torch.Tensor, cache, chunk: int, tokenizer=None) -> torch.Tensor:
+    """Feeds ids [1, n] through the cache in chunks, then lets a KVCompCache
+    score and evict what awaits it (``compress``: a scorer's extra pass is
+    part of the prefill's cost); the last logits [vocab]."""
     for s in range(0, ids.shape[1], chunk):
         out = model(input_ids=ids[:, s:s + chunk], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
+    if hasattr(cache, "compress"):
+        prompt = None if tokenizer is None else torch.tensor([encode(tokenizer, REPEAT)])
+        cache.compress(model, ids, prompt_ids=prompt)
     return out.logits[0, -1].float()
 
 
 @torch.inference_mode()
-def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int) -> tuple[list[int], float]:
+def greedy(model, ids: torch.Tensor, cache, chunk: int, max_new: int, tokenizer=None) -> tuple[list[int], float]:
     """The greedy answer to a prompt, and the seconds its prefill took."""
     start = time.perf_counter()
-    logits = prefill(model, ids, cache, chunk)
+    logits = prefill(model, ids, cache, chunk, tokenizer)
     seconds = time.perf_counter() - start
     return _decode(model, logits, cache, max_new), seconds
 
@@ -99,11 +109,11 @@ def greedy_later(model, tokenizer, case: NeedleCase, cache, chunk: int, max_new:
     as a new chunk that reads only the cache, then the greedy answer. Returns
     the answer and the seconds of the document's prefill."""
     start = time.perf_counter()
-    prefill(model, case.ids[:, :case.question_start], cache, chunk)
+    prefill(model, case.ids[:, :case.question_start], cache, chunk, tokenizer)
     seconds = time.perf_counter() - start
-    for t in _encode(tokenizer, SEPARATOR):
+    for t in encode(tokenizer, SEPARATOR):
         model(input_ids=torch.tensor([[t]]), **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
-    logits = prefill(model, case.ids[:, case.question_start:], cache, chunk)
+    logits = prefill(model, case.ids[:, case.question_start:], cache, chunk, tokenizer)
     return _decode(model, logits, cache, max_new), seconds
 
 
@@ -129,14 +139,14 @@ class TeacherForced:
 
 @torch.inference_mode()
 def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
-                   progress: Optional[Callable[[], None]] = None) -> TeacherForced:
+                   progress: Optional[Callable[[], None]] = None, tokenizer=None) -> TeacherForced:
     """Prefills ids[:, :prefix] and decodes the rest one token at a time,
     always feeding the true token; scores tokens prefix..n-1."""
     captured: list[torch.Tensor] = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: captured.append(out[0][0, -1].float()))
              for layer in _decoder_layers(model)]
     try:
-        logits = prefill(model, ids[:, :prefix], cache, chunk)
+        logits = prefill(model, ids[:, :prefix], cache, chunk, tokenizer)
         captured.clear()
         nll, top1 = [], []
         for t in range(prefix, ids.shape[1]):
@@ -179,5 +189,6 @@ def _decoder_layers(model) -> list:
     return list(layers)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without the model's special tokens."""
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -496,8 +496,10 @@ def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, s
     """fp32 ``scale * q.k`` [batch, heads, q, kv] of every query head against
     its KV head's keys (soft-capped as Gemma 2 does), -inf where ``mask``
     hides the key."""
-    k = key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
-    logits = (query.float() @ k.transpose(-1, -2)) * scale
+    b, heads, q, d = query.shape
+    kv = key.shape[1]  # query heads grouped by KV head, so K is not copied per query head
+    logits = (query.float().reshape(b, kv, heads // kv * q, d) @ key.float().transpose(-1, -2))
+    logits = logits.view(b, heads, q, -1).mul_(scale)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.masked_fill(~mask, float("-inf"))
