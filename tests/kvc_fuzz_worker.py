@@ -92,6 +92,7 @@ POLICIES = {
     "h2o_frac": lambda bs, w: P.h2o(budget=0.5, hot_window=16, evict_every=5, block_size=bs, wipe=w),
     "streaming_llm": _streaming,
     "combined": lambda bs, w: P.combined(budget=0.5, hot_window=16, block_size=bs, wipe=w),
+    "h2o_window_pool": lambda bs, w: P.h2o(budget=0.5, hot_window=16, scorer="window", pool=5, block_size=bs, wipe=w),
 }
 
 
@@ -154,6 +155,7 @@ def build_hf(c, g):
             continue  # a layer never run: no cache in the file
         k, v = (heavy_tailed((B, c["tokens"], H, D), g, dtype).transpose(1, 2) for _ in range(2))
         cache.update(k, v, l)
+        cache.layers[l].awaiting_scores = False  # as after an attention call (these tests score by attend)
     live = [x for x in cache.layers if x.is_initialized]
     for step in range(c["decode"]):
         for l, layer in enumerate(cache.layers):
@@ -162,6 +164,7 @@ def build_hf(c, g):
             layer.native = True  # as after "kvcomp" attention: decode appends only (and H2O may evict)
             k, v = (heavy_tailed((B, 1, H, D), g, dtype).transpose(1, 2) for _ in range(2))
             cache.update(k, v, l)
+            layer.awaiting_scores = False
             if step < c["attends"]:
                 layer.cache.attend(0, list(range(B)), _queries(layer.cache, B, g))
     if c["forget"]:
@@ -188,8 +191,8 @@ def assert_equal(a, b):
     for i, (x, y) in enumerate(zip(a.layers, b.layers)):
         assert x.is_initialized == y.is_initialized, f"layer {i}: initialized {x.is_initialized} vs {y.is_initialized}"
         if x.is_initialized:
-            assert (x.batch_size, x.native, x.pending_evict) == (y.batch_size, y.native, y.pending_evict), \
-                f"layer {i}: batch_size/native/pending_evict differ"
+            flags = lambda z: (z.batch_size, z.native, z.pending_evict, z.compressed)
+            assert flags(x) == flags(y), f"layer {i}: batch_size/native/pending_evict/compressed differ"
             assert_same(x.cache, y.cache)
 
 

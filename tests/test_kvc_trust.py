@@ -349,7 +349,8 @@ def test_hf_keys(tmp_path):
 @pytest.mark.parametrize("edit,match", [
     (lambda h: h.update(max_tokens=0), r"max_tokens: 0 is not an int"),
     (lambda h: h.update(max_tokens=1000), r"layers\[0\].cache: must hold .* max_tokens"),
-    (lambda h: h["layers"][0].update(native="yes"), r"layers\[0\]: native and pending_evict must be"),
+    (lambda h: h["layers"][0].update(native="yes"), r"layers\[0\]: native, pending_evict and compressed must be"),
+    (lambda h: h["layers"][0].update(compressed=1), r"layers\[0\]: native, pending_evict and compressed must be"),
     (lambda h: h["layers"][0].update(batch_size=5), r"layers\[0\]"),
     (lambda h: h["layers"][1].update(batch_size=0), r"layers\[1\].cache: must be null"),
     (lambda h: h["layers"][0]["cache"]["policy"].update(hot_window=32), r"layers\[0\].cache: must hold"),
