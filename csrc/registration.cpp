@@ -21,7 +21,7 @@ STABLE_TORCH_LIBRARY(kvcomp, m) {
   m.def("seal_blocks(Tensor hot_pool, Tensor src_blocks, Tensor(a!) cold_pool, "
         "Tensor dst_blocks, str hot_format, str cold_format) -> ()");
   m.def("paged_decode_attention(Tensor query, Tensor pool, Tensor block_tables, "
-        "Tensor seq_lens, str format, float scale, Tensor(a!)? logits_out=None) "
+        "Tensor seq_lens, str format, float scale, Tensor(a!)? logits_out=None, float softcap=0.0) "
         "-> (Tensor out, Tensor lse)");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
         "-> (Tensor out, Tensor lse)");

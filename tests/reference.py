@@ -829,10 +829,11 @@ def channel_error_bound(side: RefSide, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------- ops
 def ref_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, seq_lens: torch.Tensor,
-                  scale: float):
+                  scale: float, softcap: float = 0.0):
     """float64 decode attention. q [B, Hq, D]; K, V [B, Hkv, L, D]. Query head h
     uses KV head h // (Hq / Hkv). Returns out [B, Hq, D], lse [B, Hq] (-inf,
-    out 0 for seq_len 0) and logits [B, Hq, L] (scale*q.k; -inf past seq_len)."""
+    out 0 for seq_len 0) and logits [B, Hq, L] (scale*q.k, soft-capped to
+    softcap*tanh(x/softcap) when softcap > 0; -inf past seq_len)."""
     q, K, V = q.double(), K.double(), V.double()
     B, Hq, D = q.shape
     Hkv, L = K.shape[1], K.shape[2]
@@ -841,6 +842,8 @@ def ref_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, seq_lens: t
     Kq = K.repeat_interleave(G, dim=1)
     Vq = V.repeat_interleave(G, dim=1)
     logits = scale * torch.einsum("bhd,bhld->bhl", q, Kq)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     mask = torch.arange(L)[None, :] < seq_lens.cpu().long()[:, None]  # [B, L]
     logits = logits.masked_fill(~mask[:, None, :], -math.inf)
     lse = torch.logsumexp(logits, dim=-1) if L else torch.full((B, Hq), -math.inf, dtype=torch.float64)

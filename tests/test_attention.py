@@ -24,24 +24,26 @@ def logit_error_bound(q, K, seq_lens, scale):
     return (q.shape[-1] + 2) * U32 * absdot
 
 
-def check_attention(c, q, scale, with_logits=True, rel_tol=None):
-    """Runs the op on cache c and checks out, lse and logits_out."""
+def check_attention(c, q, scale, with_logits=True, rel_tol=None, softcap=0.0):
+    """Runs the op on cache c and checks out, lse and logits_out. Soft-capping
+    (softcap > 0) is 1-Lipschitz, so the logit bound holds through it, plus
+    a few ulps of tanh times softcap."""
     fmt = c.fmt
     B, Hq, D = q.shape
     max_len = int(c.seq_lens.max())
     L = max_len + 3
     logits = torch.full((B, Hq, L), 1234.5, dtype=torch.float32) if with_logits else None
     inputs = [t.clone() for t in (q, c.pool, c.block_tables, c.seq_lens)]
-    out, lse = ops.paged_decode_attention(q, c.pool, c.block_tables, c.seq_lens, fmt, scale, logits)
+    out, lse = ops.paged_decode_attention(q, c.pool, c.block_tables, c.seq_lens, fmt, scale, logits, softcap)
     for t, before in zip((q, c.pool, c.block_tables, c.seq_lens), inputs):
         assert torch.equal(t, before), "paged_decode_attention modified an input"
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (B, Hq) and lse.dtype == torch.float32
 
     K, V = ops.gather_dequant(c.pool, c.block_tables, c.seq_lens, fmt, torch.float32)
-    ref_out, ref_lse, ref_logits = ref_attention(q.double(), K.double(), V.double(), c.seq_lens, scale)
+    ref_out, ref_lse, ref_logits = ref_attention(q.double(), K.double(), V.double(), c.seq_lens, scale, softcap)
     RK, RV = ref_gather(c.pool, c.block_tables, c.seq_lens, fmt)
-    ref2_out, ref2_lse, _ = ref_attention(q.double(), RK, RV, c.seq_lens, scale)
+    ref2_out, ref2_lse, _ = ref_attention(q.double(), RK, RV, c.seq_lens, scale, softcap)
 
     empty = c.seq_lens == 0
     if empty.any():
@@ -56,7 +58,7 @@ def check_attention(c, q, scale, with_logits=True, rel_tol=None):
         err = (out.double() - ro).norm(dim=-1) / ro.norm(dim=-1).clamp(min=1e-300)
         worst = err[full].max().item()
         assert worst <= tol, f"{fmt}: out rel err {worst:.3g} > {tol:.3g} vs attention over {name}"
-    bound = logit_error_bound(q, K, c.seq_lens, scale)  # [B, Hq, max_len]
+    bound = logit_error_bound(q, K, c.seq_lens, scale) + 4 * U32 * softcap  # [B, Hq, max_len]
     mask = torch.arange(max_len)[None, :] < c.seq_lens.long()[:, None]
     lse_tol = torch.where(mask[:, None, :], bound, torch.zeros_like(bound)).amax(-1) \
         + 4 * U32 * ref_lse.abs().nan_to_num(posinf=0, neginf=0) + 1e-6
@@ -156,6 +158,28 @@ def test_decode_attention_scale_and_peaked():
     assert torch.allclose(out[0].double(), mean, rtol=1e-5, atol=1e-5 * mean.abs().max().item())
     assert torch.allclose(lse.double(), torch.log(c.seq_lens.double())[:, None].expand(2, 4),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "nf4:h", "kivi2"])
+@pytest.mark.parametrize("softcap", [50.0, 2.0])
+def test_decode_attention_softcap(fmt, softcap):
+    """Gemma 2's soft-capping, softcap * tanh(logit / softcap), before the
+    softmax: logits up to ~±40 here, so a cap of 50 bends them and 2 flattens them."""
+    g = gen_from(21)
+    c = build_cache(fmt, [150, 9, 0], 2, 64, 16, g)
+    q = 6 * torch.randn(3, 4, 64, generator=g)
+    out, _ = check_attention(c, q, 0.125, softcap=softcap)
+    plain, _ = ops.paged_decode_attention(q, c.pool, c.block_tables, c.seq_lens, fmt, 0.125)
+    assert (out - plain).norm() > 1e-3 * plain.norm()  # the cap acted
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf")])
+def test_decode_attention_bad_softcap(softcap):
+    g = gen_from(22)
+    c = build_cache("int8", [20], 1, 64, 16, g)
+    with pytest.raises(ValueError, match="softcap"):
+        ops.paged_decode_attention(torch.randn(1, 2, 64), c.pool, c.block_tables, c.seq_lens, "int8", 0.125,
+                                   softcap=softcap)
 
 
 def test_decode_attention_shared_blocks():

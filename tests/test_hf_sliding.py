@@ -38,7 +38,9 @@ def family(name: str):
     if name == "cohere2":
         return T.Cohere2Config(**COMMON, sliding_window=W, layer_types=mixed), T.Cohere2ForCausalLM, "sdpa"
     if name == "gemma2":   # logit soft-capping: eager attention only
-        return T.Gemma2Config(**COMMON, sliding_window=W, layer_types=mixed), T.Gemma2ForCausalLM, "eager"
+        return T.Gemma2Config(**COMMON, sliding_window=W, layer_types=mixed, attn_logit_softcapping=0.5,
+                               query_pre_attn_scalar=1), \
+            T.Gemma2ForCausalLM, "eager"  # scale 1 and a cap of 0.5: the cap bends the logits
     if name == "gpt-oss":  # attention sinks (s_aux): eager attention only
         return T.GptOssConfig(**COMMON, sliding_window=W, layer_types=mixed, num_local_experts=2,
                               num_experts_per_tok=1), T.GptOssForCausalLM, "eager"
@@ -74,7 +76,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1) / b.norm(dim=-1)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3", "cohere2", "gpt-oss"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "cohere2", "gpt-oss"])
 def test_full_matches_dynamic_cache_past_the_window(name):
     model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -89,9 +91,9 @@ def test_full_matches_dynamic_cache_past_the_window(name):
 
 @pytest.mark.parametrize("name", ["gemma2", "gpt-oss"])
 def test_eager_attention_over_the_ring_matches_too(name):
-    """Gemma 2 (soft-capped logits, which the "kvcomp" attention lacks) and
-    gpt-oss (attention sinks) run their own eager attention over the
-    dequantized ring with their sliding mask."""
+    """Gemma 2 (soft-capped logits) and gpt-oss (attention sinks) also run
+    their own eager attention over the dequantized ring with their sliding
+    mask."""
     model, cfg, attn = model_of(name)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     tokens = []

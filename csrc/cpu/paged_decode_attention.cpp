@@ -160,6 +160,9 @@ void tile_step(const DecodeArgs& a, Sides f, const uint8_t* tile, int n, int64_t
   const int hd = L.head_dim, bs = L.block_size;
   const int G = a.num_heads / a.pool->num_heads;
   f.logits(L.k, tile, n, q, G, hd, bs, logits_buf);
+  if (a.softcap > 0.0f)  // Gemma 2's soft-capping, before the softmax and in logits_out
+    for (int h = 0; h < G; ++h)
+      for (int t = 0; t < n; ++t) logits_buf[h * bs + t] = a.softcap * tanhf(logits_buf[h * bs + t] / a.softcap);
   if (logits_row)
     for (int h = 0; h < G; ++h)
       memcpy(logits_row + h * a.logits_len + start, logits_buf + h * bs, n * sizeof(float));

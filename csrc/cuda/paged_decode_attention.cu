@@ -107,6 +107,7 @@ Plan make_plan(const DecodeParams& p) {
   k.G = p.num_heads / p.pool.num_heads;
   k.bs = bs;
   k.qscale = p.scale * 1.44269504088896341f;
+  k.capl = p.softcap * 1.44269504088896341f;
   k.qdtype = L.k.fmt.rotated ? DType::F32 : p.dtype;
   k.odtype = L.v.fmt.rotated ? DType::F32 : p.dtype;
 

@@ -23,6 +23,7 @@ struct DecodeParams {
   float* logits;      // [batch, num_heads, logits_len] or null
   int64_t logits_len;
   int num_sms;        // of the device: the split count depends on it
+  float softcap;      // > 0: logits become softcap * tanh(logit / softcap) (Gemma 2); 0: none
 };
 
 bool paged_decode_head_dim_ok(int head_dim);

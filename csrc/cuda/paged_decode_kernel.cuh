@@ -65,6 +65,7 @@ struct Params {
   Seg seg[4];
   SideDesc k, v;
   float qscale;  // scale * log2(e)
+  float capl;    // softcap * log2(e); 0: no soft-capping
   DType qdtype, odtype;  // of query and out (fp32 scratch where a side is rotated)
 };
 
@@ -402,6 +403,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_kernel(const Params p) 
       float lg = a0 + __shfl_xor_sync(kAll, a1, 2);
 #pragma unroll
       for (int off = 4; off < NS; off <<= 1) lg += __shfl_xor_sync(kAll, lg, off);
+      if (p.capl > 0.0f) lg = p.capl * tanhf(lg / p.capl);  // soft-capping, in log2 units
       lg = valid ? lg : -CUDART_INF_F;
       if (p.logits && j < 4 && rel0 + xl < p.G && tau < tst && pos < tok_hi && pos < p.logits_len)
         p.logits[(head0 + xl) * p.logits_len + pos] = lg * kLn2;

@@ -13,9 +13,9 @@ namespace cuda_op {
 std::tuple<Tensor, Tensor> paged_decode_attention(
     const Tensor& query, const Tensor& pool, const Tensor& block_tables,
     const Tensor& seq_lens, const std::string& format, double scale,
-    const std::optional<Tensor>& logits_out) {
+    const std::optional<Tensor>& logits_out, double softcap) {
   PagedDecodeArgs a =
-      prepare_paged_decode(query, pool, block_tables, seq_lens, format, scale, logits_out);
+      prepare_paged_decode(query, pool, block_tables, seq_lens, format, scale, logits_out, softcap);
   const int64_t batch = query.size(0), heads = query.size(1);
   const int hd = a.pool.layout.head_dim;
   KVCOMP_CHECK(cuda::paged_decode_head_dim_ok(hd),
@@ -43,7 +43,8 @@ std::tuple<Tensor, Tensor> paged_decode_attention(
                        lse.mutable_data_ptr<float>(),
                        a.logits,
                        a.logits_len,
-                       multiprocessor_count()};
+                       multiprocessor_count(),
+                       (float)softcap};
   const size_t ws_bytes = cuda::paged_decode_workspace_bytes(p);
   Tensor ws = empty_on(pool, {(int64_t)ws_bytes}, ScalarType::Byte);
   KVCOMP_CUDA_CHECK(cuda::paged_decode_attention(p, ws_bytes ? ws.mutable_data_ptr() : nullptr,

@@ -44,6 +44,7 @@ struct DecodeArgs {
   float* lse;        // [batch, num_heads]
   float* logits;     // [batch, num_heads, logits_len] or null
   int64_t logits_len;
+  float softcap;     // > 0: logits become softcap * tanh(logit / softcap) (Gemma 2); 0: none
 };
 
 }  // namespace kvcomp

@@ -9,7 +9,7 @@ namespace kvcomp {
 PagedDecodeArgs prepare_paged_decode(const Tensor& query, const Tensor& pool,
                                      const Tensor& block_tables, const Tensor& seq_lens,
                                      const std::string& format, double scale,
-                                     const std::optional<Tensor>& logits_out) {
+                                     const std::optional<Tensor>& logits_out, double softcap) {
   const FormatSpec& f = spec_arg(format);
   check_float_activation(query, "query");
   check_dim(query, "query", 3, "[batch, num_heads, head_dim]");
@@ -18,6 +18,7 @@ PagedDecodeArgs prepare_paged_decode(const Tensor& query, const Tensor& pool,
   KVCOMP_CHECK(query.size(1) % p.num_heads == 0, "query has ", query.size(1),
                " heads, not a multiple of the pool's ", p.num_heads, " KV heads");
   KVCOMP_CHECK(isfinite(scale), "scale must be finite, got ", scale);
+  KVCOMP_CHECK(isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0: none), got ", softcap);
   BlockTables bt = block_tables_arg(block_tables, pool);
   check_size(block_tables, "block_tables", 0, query.size(0), "the batch of query");
   seq_lens_arg(seq_lens, bt.batch, pool);
@@ -51,9 +52,9 @@ namespace op {
 std::tuple<Tensor, Tensor> paged_decode_attention(
     const Tensor& query, const Tensor& pool, const Tensor& block_tables,
     const Tensor& seq_lens, const std::string& format, double scale,
-    const std::optional<Tensor>& logits_out) {
+    const std::optional<Tensor>& logits_out, double softcap) {
   PagedDecodeArgs a =
-      prepare_paged_decode(query, pool, block_tables, seq_lens, format, scale, logits_out);
+      prepare_paged_decode(query, pool, block_tables, seq_lens, format, scale, logits_out, softcap);
   if (a.with_logits) validate_logits_len(a.seq_lens, a.logits_len);
   const int64_t batch = query.size(0), heads = query.size(1), hd = query.size(2);
   Tensor q = contig(to_dtype(query, ScalarType::Float));
@@ -63,7 +64,7 @@ std::tuple<Tensor, Tensor> paged_decode_attention(
                                         &a.pool,
                                         a.bt, a.seq_lens.const_data_ptr<int32_t>(),
                                         out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), a.logits,
-                                        a.logits_len});
+                                        a.logits_len, (float)softcap});
   return {to_dtype(out, query.scalar_type()), lse};
 }
 

@@ -19,11 +19,11 @@ struct PagedDecodeArgs {
   int64_t logits_len;
 };
 
-// Shapes, dtypes, devices, format and scale; reads no tensor data.
+// Shapes, dtypes, devices, format, scale and softcap; reads no tensor data.
 PagedDecodeArgs prepare_paged_decode(const Tensor& query, const Tensor& pool,
                                      const Tensor& block_tables, const Tensor& seq_lens,
                                      const std::string& format, double scale,
-                                     const std::optional<Tensor>& logits_out);
+                                     const std::optional<Tensor>& logits_out, double softcap);
 
 // logits_out has room for the longest sequence (reads seq_lens on the host).
 void validate_logits_len(const Tensor& seq_lens, int64_t logits_len);

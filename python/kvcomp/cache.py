@@ -436,12 +436,13 @@ class PagedKVCache:
 
     # -------------------------------------------------------------- attend
     def attend(self, layer: int, seq_ids: Sequence, query: torch.Tensor, scale: Optional[float] = None,
-               return_lse: bool = False):
+               return_lse: bool = False, softcap: float = 0.0):
         """Decode attention of one query per sequence, ``query`` [len(seq_ids),
         num_heads, head_dim], over both tiers (merged exactly). Updates the
         heavy-hitter scores under H2O. Returns [len(seq_ids), num_heads, head_dim]
         (and with ``return_lse`` the fp32 log-sum-exp [len(seq_ids), num_heads]
-        of the scaled logits, e.g. to fold in attention sinks)."""
+        of the scaled logits, e.g. to fold in attention sinks). ``softcap`` > 0
+        soft-caps the logits first (Gemma 2)."""
         states = self._states(layer, seq_ids)
         if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[0] != len(states) \
                 or query.shape[2] != self.head_dim or query.shape[1] % self.num_kv_heads:
@@ -459,7 +460,7 @@ class PagedKVCache:
             bt, lens = self._tables(tiers)
             logits = torch.empty(len(states), q.shape[1], max(1, int(lens.max())), device=self.device) if h2o \
                 else None
-            out, lse = ops.paged_decode_attention(q, pool, bt, lens, fmt, scale, logits)
+            out, lse = ops.paged_decode_attention(q, pool, bt, lens, fmt, scale, logits, softcap or 0.0)
             parts.append((out, lse, tiers, lens, logits))
         out, lse = parts[0][0], parts[0][1]
         for o, l, *_ in parts[1:]:

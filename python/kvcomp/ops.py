@@ -29,11 +29,14 @@ def seal_blocks(hot_pool: torch.Tensor, src_blocks: torch.Tensor, cold_pool: tor
 
 def paged_decode_attention(query: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, format: str, scale: float,
-                           logits_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           logits_out: Optional[torch.Tensor] = None,
+                           softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence over its paged, compressed cache.
-    Returns ``(out, lse)``; fills ``logits_out`` with ``scale * q.k`` if given."""
+    Returns ``(out, lse)``; fills ``logits_out`` with ``scale * q.k`` if given.
+    ``softcap`` > 0 caps each logit to ``softcap * tanh(logit / softcap)``
+    first (Gemma 2); ``logits_out`` then holds the capped logits."""
     return _ops.paged_decode_attention(query, pool, block_tables, seq_lens, str(format), float(scale),
-                                       logits_out)
+                                       logits_out, float(softcap))
 
 
 def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -86,7 +89,7 @@ def _(hot_pool, src_blocks, cold_pool, dst_blocks, hot_format, cold_format):
 
 
 @torch.library.register_fake("kvcomp::paged_decode_attention")
-def _(query, pool, block_tables, seq_lens, format, scale, logits_out=None):
+def _(query, pool, block_tables, seq_lens, format, scale, logits_out=None, softcap=0.0):
     out = query.new_empty(query.shape)
     lse = query.new_empty(query.shape[:2], dtype=torch.float32)
     return out, lse

@@ -99,7 +99,9 @@ class Reconstruction(Scorer):
     compress``), and a token's score is the largest attention any repeating
     query (and query head of its KV head) gives it: what the model needs to
     reproduce the context, whatever is asked later. The cache evicts once
-    that pass is done; a decode step before it raises."""
+    that pass is done; a decode step before it raises. With one equal budget
+    per KV head it ranks poorly (README, "Scorers"): KVzip ranks across
+    heads."""
 
     name: ClassVar[str] = "reconstruct"
     reduce: ClassVar[str] = "max"

@@ -467,10 +467,12 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                          f"{'none' if layer.sliding_window is None else layer.sliding_window}: build the cache "
                          f"with the model's config, KVCompCache(policy, config=model.config)")
     sinks = kwargs.pop("s_aux", None)  # gpt-oss: a learned logit per head that takes a share of the softmax
+    softcap = kwargs.pop("softcap", None)  # Gemma 2: logits soft-capped to softcap * tanh(x / softcap)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     b, _, q, _ = query.shape
     if tag.positions is None:  # native decode: attend scores as it goes
-        out, lse = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale, return_lse=True)
+        out, lse = layer.cache.attend(0, list(range(b)), query[:, :, 0], scale, return_lse=True,
+                                      softcap=softcap or 0.0)
         layer.awaiting_scores = False
         if sinks is not None:
             out = _with_sinks(out, lse, sinks)
@@ -479,12 +481,16 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # A first chunk with no padding (and no window inside it) is plain causal:
     # SDPA's is_causal path, not an explicit mask (its slower kernel).
     causal = key.shape[2] == q and bool(torch.equal(mask[:, 0], _tril(q, query.device).expand(b, q, q)))
-    out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
-                                    scaling=scale, is_causal=causal, **kwargs)
+    if softcap:  # SDPA cannot soft-cap: the softmax of the capped logits, in fp32
+        probs = _masked_logits(query, key, mask, scale, softcap).softmax(-1).nan_to_num_(0.0)
+        out = _grouped(probs, value).to(query.dtype).transpose(1, 2)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
+                                        scaling=scale, is_causal=causal, **kwargs)
     if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
-        lse = _masked_logits(query, key, mask, scale).logsumexp(-1)  # [b, heads, q]
+        lse = _masked_logits(query, key, mask, scale, softcap).logsumexp(-1)  # [b, heads, q]
         out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
-    _score_and_evict(tag, query, key, mask, scale, sinks=sinks)
+    _score_and_evict(tag, query, key, mask, scale, softcap=softcap, sinks=sinks)
     if not tag.reconstruct:
         _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
@@ -599,6 +605,14 @@ def _chunk_scorer(layer: KVCompLayer, tag: _Tagged) -> Optional[Scorer]:
     if scorer.needs_pass:  # the compress pass scores the context; chunks after it score as H2O
         return _DECODE if layer.compressed else None
     return scorer
+
+
+def _grouped(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs [b, heads, q, kv] @ V [b, kv_heads, kv, d] with query heads grouped
+    by KV head (V is not copied per query head): [b, heads, q, d], fp32."""
+    b, heads, q, n = probs.shape
+    kv = value.shape[1]
+    return (probs.reshape(b, kv, heads // kv * q, n) @ value.float()).view(b, heads, q, -1)
 
 
 def _softmax(logits: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
