@@ -206,3 +206,31 @@ def test_hybrid_models_keep_their_recurrent_layers_and_compress_attention(name):
         assert kinds == ["LinearAttentionLayer", "KVCompLayer"] * 2, kinds
         assert rel(got, ref).max() <= bound
         assert cache.stats()["tokens"] == PROMPT + STEPS and cache.stats()["layers"] == 2
+
+
+@pytest.mark.parametrize("name", ["lfm2", "qwen3-next"])
+def test_hybrid_beam_search_and_assisted_decoding_match_dynamic_cache(name):
+    """Beam search (our layers fork rows, transformers' recurrent layers
+    reorder their own state) and assisted decoding (crop) give DynamicCache's
+    tokens under full(). transformers itself refuses assisted decoding for
+    stateful models such as Qwen3-Next, whatever the cache."""
+    cfg, cls = hybrid(name)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def run(cache, implementation, **kw):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                  pad_token_id=0, past_key_values=cache, **kw)
+    beams = dict(num_beams=3, num_return_sequences=3)
+    assert torch.equal(run(KVCompCache(policy=P.full(), config=cfg), "kvcomp", **beams),
+                       run(DynamicCache(config=cfg), "sdpa", **beams))
+    if name == "qwen3-next":
+        with pytest.raises(ValueError, match="stateful"):
+            run(DynamicCache(config=cfg), "sdpa", assistant_model=model)
+        return
+    assert torch.equal(run(KVCompCache(policy=P.full(), config=cfg), "kvcomp", assistant_model=model),
+                       run(DynamicCache(config=cfg), "sdpa", assistant_model=model))
