@@ -460,7 +460,7 @@ class PagedKVCache:
             bt, lens = self._tables(tiers)
             logits = torch.empty(len(states), q.shape[1], max(1, int(lens.max())), device=self.device) if h2o \
                 else None
-            out, lse = ops.paged_decode_attention(q, pool, bt, lens, fmt, scale, logits, softcap or 0.0)
+            out, lse = ops.paged_decode_attention(q, pool, bt, lens, fmt, scale, logits, softcap)
             parts.append((out, lse, tiers, lens, logits))
         out, lse = parts[0][0], parts[0][1]
         for o, l, *_ in parts[1:]:

@@ -95,7 +95,8 @@ def integer(v, where: str, lo: int, hi: Optional[int] = None) -> int:
     return v
 
 
-_ADDED_POLICY_FIELDS = {"scorer": None, "pool": None}  # Policy fields newer than format version 2
+# Policy fields newer than format version 2, with their defaults
+_ADDED_POLICY_FIELDS = {f.name: f.default for f in dataclasses.fields(Policy) if f.name in ("scorer", "pool")}
 
 
 def check_policy(d, where: str = "policy") -> Policy:

@@ -163,7 +163,7 @@ def run(args) -> int:
         needle = _run_needle(model, tokenizer, cases, caches, chunk, args.max_new, args.modes, advance)
         ppl = _run_perplexity(model, tokenizer, ppl_ids, caches, ppl_context - ppl_tokens, chunk, advance) \
             if ppl_ids else None
-    outside = {}  # peers answered elsewhere: name -> (their env's uncompressed name, per-token NLL)
+    outside = {}  # peers answered elsewhere: name -> the uncompressed run of their environment
     if answers is not None:
         seconds, nll = peer_files.merge(answers, needle["cases"], tokenizer, ev.answer_of, args.modes)
         needle["prefill_seconds"].update(seconds)
@@ -172,9 +172,7 @@ def run(args) -> int:
             outside[name] = base
             bits[name] = lambda L, keep=args.peer_keep if name != base else 1.0: 16.0 * keep
             if ppl is not None and nll[name] is not None:
-                ppl[name] = {"nll": float(nll[name].mean()), "nll_ratio": float(nll[name].mean() / nll[base].mean()),
-                             "perplexity": float(nll[name].mean().exp()),
-                             "perplexity_ratio": float((nll[name].mean() - nll[base].mean()).exp())}
+                ppl[name] = ev.nll_figures(nll[name], nll[base])
     result = {
         "device": timing.device_name(torch.device("cpu")), "torch": torch.__version__,
         "kvcomp": kvcomp.__version__, "commit": timing.git_commit(), "threads": torch.get_num_threads(),

@@ -172,14 +172,17 @@ def fidelity(run: TeacherForced, ref: TeacherForced) -> dict:
     rel = (run.attn - ref.attn).norm(dim=-1) / ref.attn.norm(dim=-1).clamp_min(1e-30)
     per_layer = rel.mean(0)
     return {
-        "nll": float(run.nll.mean()),
-        "nll_ratio": float(run.nll.mean() / ref.nll.mean()),
-        "perplexity": float(run.nll.mean().exp()),
-        "perplexity_ratio": float((run.nll.mean() - ref.nll.mean()).exp()),
+        **nll_figures(run.nll, ref.nll),
         "top1_agreement": float((run.top1 == ref.top1).double().mean()),
         "attn_rel_err": float(per_layer.mean()),
         "attn_rel_err_per_layer": [float(x) for x in per_layer],
     }
+
+
+def nll_figures(nll: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Mean NLL and perplexity of per-token NLLs, each also as a ratio to the reference's."""
+    return {"nll": float(nll.mean()), "nll_ratio": float(nll.mean() / ref.mean()),
+            "perplexity": float(nll.mean().exp()), "perplexity_ratio": float((nll.mean() - ref.mean()).exp())}
 
 
 def _decoder_layers(model) -> list:

@@ -481,16 +481,17 @@ def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # A first chunk with no padding (and no window inside it) is plain causal:
     # SDPA's is_causal path, not an explicit mask (its slower kernel).
     causal = key.shape[2] == q and bool(torch.equal(mask[:, 0], _tril(q, query.device).expand(b, q, q)))
-    if softcap:  # SDPA cannot soft-cap: the softmax of the capped logits, in fp32
-        probs = _masked_logits(query, key, mask, scale, softcap).softmax(-1).nan_to_num_(0.0)
+    probs = None
+    if softcap:  # SDPA cannot soft-cap: the weights in fp32 (sinks folded in), which the scorer reads too
+        probs = _softmax(_masked_logits(query, key, mask, scale, softcap), sinks).nan_to_num_(0.0)
         out = _grouped(probs, value).to(query.dtype).transpose(1, 2)
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, None if causal else mask, dropout=dropout,
                                         scaling=scale, is_causal=causal, **kwargs)
-    if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
-        lse = _masked_logits(query, key, mask, scale, softcap).logsumexp(-1)  # [b, heads, q]
-        out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
-    _score_and_evict(tag, query, key, mask, scale, softcap=softcap, sinks=sinks)
+        if sinks is not None:  # out is [b, q, heads, d]; the softmax's normalizer from the logits themselves
+            lse = _masked_logits(query, key, mask, scale).logsumexp(-1)  # [b, heads, q]
+            out = _with_sinks(out.transpose(1, 2), lse, sinks[None, :, None]).transpose(1, 2)
+    _score_and_evict(tag, query, key, mask, scale, probs=probs, softcap=softcap, sinks=sinks)
     if not tag.reconstruct:
         _forget_padding(layer, mask[:, 0, -1, -q:], q)
     layer.native = True
@@ -553,8 +554,8 @@ def _score_and_evict(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask:
     their policy's scorer (:mod:`kvcomp.scorers`) reads from the chunk's
     attention weights, then evicts where the scorer allows. Columns of
     ``key`` are the held tokens (positions in ``tag.positions``), then the
-    chunk. ``probs``: the attention weights when the implementation returned
-    them (eager); else they are recomputed from ``mask``."""
+    chunk. ``probs``: the attention weights when the attention computed them
+    (eager, a soft-capped prefill); else they are recomputed from ``mask``."""
     layer = tag.layer
     layer.awaiting_scores = False
     scorer = _chunk_scorer(layer, tag)
@@ -563,11 +564,11 @@ def _score_and_evict(tag: _Tagged, query: torch.Tensor, key: torch.Tensor, mask:
     c, q = layer.cache, query.shape[2]
     b, heads, kv_heads, kv_len = query.shape[0], query.shape[1], key.shape[1], key.shape[2]
     prev = kv_len - q
-    counted = scorer.queries(q)
+    first, last, _ = scorer.queries(q).indices(q)
     weight = None
     step = max(1, (1 << 22) // (heads * kv_len))  # queries per block: ~16 MiB of fp32 weights
-    for s in range(*counted.indices(q)[:2], step):
-        block = slice(s, min(s + step, counted.indices(q)[1]))
+    for s in range(first, last, step):
+        block = slice(s, min(s + step, last))
         p = probs[:, :, block] if probs is not None else \
             _softmax(_masked_logits(query[:, :, block], key, mask[:, :, block], scale, softcap), sinks)
         weight = scorer.combine(weight, scorer.weights(p.float().nan_to_num(0.0), kv_heads))
