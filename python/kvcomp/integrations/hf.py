@@ -449,7 +449,13 @@ def cache_kwarg(model, cache) -> dict:
     """The cache as a forward/generate keyword: ``cache`` where the model takes
     it (transformers >= 5.24 deprecates ``past_key_values`` for it), else
     ``past_key_values``."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
+    # once per model class, not per decode step
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def kvcomp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
