@@ -1127,7 +1127,8 @@ def test_cache_random_operations(policy, dtype, actions, seed):
 # ============================================== long appends straight to the cold tier
 DIRECT_SEAL = [(P.int4(), F16), (P.int8(hot_window=32), BF16), (P.int3(), F32), (P.fp8(hot_window=16), F16),
                (P.h2o(budget=64, hot_window=32), F32), (P.combined(), F16), (P.kivi2(), F16),
-               (P.int4(hot_format="fp16"), F32)]
+               (P.int4(hot_format="fp16"), F32), (P.kivi2(), F32),
+               (P.kivi2(cold_format="int4c/int4", hot_window=64), BF16)]
 
 
 @pytest.mark.parametrize("policy,dtype", DIRECT_SEAL, ids=lambda x: getattr(x, "name", str(x)))
@@ -1156,7 +1157,7 @@ def test_long_appends_straight_to_cold_match_the_hot_tier_path(policy, dtype, mo
                 c.attend(l, ["a", "b"], torch.randn(2, 4, 64, generator=g).to(dtype))
         return c
     a, b = run(True), run(False)
-    eligible = not policy.format.per_channel and policy.hot_format in (None, {F32: "fp32", F16: "fp16"}.get(dtype))
+    eligible = policy.hot_format in (None, {F32: "fp32", F16: "fp16"}.get(dtype))  # per-channel: staged
     assert any(direct) == eligible  # the shortcut was taken wherever it may be
     assert held_stats(a) == held_stats(b)
     for s in ("a", "b"):

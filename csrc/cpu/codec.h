@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/nf_encode.h"
 #include "cpu/reader.h"
 #include "kvcomp/format.h"
 
@@ -87,7 +88,8 @@ inline void decode_row(const Section& s, const uint8_t* tile, int t, int hd, flo
   KVC_DISPATCH_KIND(s.fmt.kind, [&] { decode_row_k<K>(s, tile, t, hd, out); });
 }
 
-// The 16-bit metadata of one group g of G values (per-token quantized kinds).
+// The 16-bit metadata of one group g of G values (per-token quantized kinds
+// but NF: nf_encode.h).
 template <Kind K>
 QMeta group_meta(const float* xg, int G) {
   if constexpr (is_absmax(K)) {
@@ -98,12 +100,11 @@ QMeta group_meta(const float* xg, int G) {
     float lo = xg[0], hi = xg[0];
     for (int c = 1; c < G; ++c) lo = min_f(lo, xg[c]), hi = max_f(hi, xg[c]);
     return asym_meta(K, lo, hi);
-  } else if constexpr (is_int_sym(K)) {
+  } else {
+    static_assert(is_int_sym(K), "NF kinds: nf_encode_group");
     float m = xg[0];
     for (int c = 1; c < G; ++c) m = fabsf(xg[c]) > fabsf(m) ? xg[c] : m;
     return sym_meta(K, m);
-  } else {
-    return nf_meta(K, xg, G);
   }
 }
 
@@ -126,17 +127,19 @@ void encode_row_k(const Section& s, uint8_t* tile, int t, const float* x_in, int
     uint8_t codes[kMaxHeadDim];
     for (int gi = 0; gi < groups; ++gi) {
       const float* xg = x + gi * G;
-      const QMeta m = group_meta<K>(xg, G);
-      store_meta(s, tile, t, gi, m);
-      const QParams p = params_of(K, m);
-      if constexpr (K == Kind::INT8) {
-        for (int c = 0; c < G; ++c) row[gi * G + c] = (uint8_t)int8_code(xg[c], p);  // vectorizes
-      } else if constexpr (kind_bits(K) == 8) {
-        for (int c = 0; c < G; ++c) row[gi * G + c] = (uint8_t)encode(K, xg[c], p);
-      } else if constexpr (is_affine(K)) {
-        for (int c = 0; c < G; ++c) codes[gi * G + c] = (uint8_t)affine_code(K, xg[c], p);  // vectorizes
+      if constexpr (is_nf(K)) {  // scale and codes in one pass
+        store_meta(s, tile, t, gi, nf_encode_group<K>(xg, G, codes + gi * G));
       } else {
-        for (int c = 0; c < G; ++c) codes[gi * G + c] = (uint8_t)encode(K, xg[c], p);
+        const QMeta m = group_meta<K>(xg, G);
+        store_meta(s, tile, t, gi, m);
+        const QParams p = params_of(K, m);
+        if constexpr (K == Kind::INT8) {
+          for (int c = 0; c < G; ++c) row[gi * G + c] = (uint8_t)int8_code(xg[c], p);  // vectorizes
+        } else if constexpr (kind_bits(K) == 8) {
+          for (int c = 0; c < G; ++c) row[gi * G + c] = (uint8_t)encode(K, xg[c], p);
+        } else {
+          for (int c = 0; c < G; ++c) codes[gi * G + c] = (uint8_t)affine_code(K, xg[c], p);  // vectorizes
+        }
       }
     }
     if constexpr (kind_bits(K) < 8)

@@ -58,8 +58,8 @@ class PagedKVCache:
         self._direct = p._direct()
         # A long append may write straight to the cold tier (_write_sealed_directly).
         self._direct_seal = p.hot_window is not None and p.eviction != "streaming" and \
-            not KVFormat.parse(self.cold_format).per_channel and \
             self.hot_format == p.replace(hot_format=None).resolved_hot_format(dtype)
+        self._per_channel = KVFormat.parse(self.cold_format).per_channel
         self._has_hot = not self._direct
         self._has_cold = p.hot_window is not None
         tiers = tier_capacity(p)
@@ -219,10 +219,11 @@ class PagedKVCache:
         checked first so a rejected append changes nothing."""
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if not bool(torch.isfinite(t).all()):
+        lo, hi = torch.aminmax(t)  # one pass; NaN propagates into both
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise ValueError(f"{name} holds NaN or Inf; the cache never stores them")
         top = self._storable_max[name == "value"]
-        if bool((t.abs() > top).any()):
+        if max(-float(lo), float(hi)) > top:
             raise ValueError(f"{name} holds values beyond +-{top:g}, the largest its tiers' formats store "
                              f"(fp16 storage below 65520, fp16 scales 65504, rotated formats 65504/sqrt(head_dim))")
 
@@ -323,13 +324,16 @@ class PagedKVCache:
         blocks are sealed, its partial last block is read back (exactly: the
         hot tier is raw) and quantized with the new tokens that complete it.
         The same codes, since quantize_write and seal_blocks share the encoder
-        and the hot tier holds the input exactly; so only for per-token cold
-        formats, an exact hot tier, and sequences with equal hot tiers.
+        and the hot tier holds the input exactly; so only for an exact hot
+        tier and sequences with equal hot tiers (and, for per-channel cold
+        formats, block-aligned cold tiers: :meth:`_seal_staged`).
         Returns the new tokens written (0: none; the caller's usual path)."""
         p, bs, n = self.policy, self.policy.block_size, key.shape[1]
         hot = {st.hot.len for st in states}
         widened = key.dtype == value.dtype and (key.dtype == self.dtype or self.hot_format == "fp32")
         if not self._direct_seal or not widened or len(hot) != 1:  # else the hot tier would round the input
+            return 0
+        if self._per_channel and any(st.cold.len % bs for st in states):
             return 0
         hot = hot.pop()
         direct = p.sealed(hot + n) - hot  # new tokens that end in the cold tier
@@ -350,8 +354,32 @@ class PagedKVCache:
         dev = lambda t: t.to(self.device, self.dtype)  # the hot tier's format is the dtype's: exact
         k = torch.cat([dev(torch.stack(ks)), dev(key[:, :direct])], 1)
         v = torch.cat([dev(torch.stack(vs)), dev(value[:, :direct])], 1)
-        self._write_cold(layer, states, k, v, pos, scores or None)
+        if self._per_channel:
+            self._seal_staged(layer, states, k, v, pos, scores or None)
+        else:
+            self._write_cold(layer, states, k, v, pos, scores or None)
         return direct
+
+    def _seal_staged(self, layer: int, states, key, value, pos: list, scores: Optional[list]) -> None:
+        """Per-channel cold formats quantize whole blocks (a block's scales
+        span its tokens), so tokens [len(states), whole blocks, ...] are
+        staged in a scratch pool of the hot format (exact) and sealed from it
+        in one call: the codes a write and a seal per block would leave."""
+        bs, n = self.policy.block_size, key.shape[1]
+        blocks = n // bs
+        hot_pool = self.hot_pools[layer]
+        scratch = torch.zeros((len(states) * blocks, *hot_pool.shape[1:]), dtype=hot_pool.dtype, device=self.device)
+        slots = torch.arange(len(states) * n, device=self.device)
+        self._write(scratch, self.hot_format, key, value, [slots])
+        dst = []
+        for i, st in enumerate(states):
+            new = self._cold_alloc[layer].take(blocks)
+            dst += new
+            st.cold.blocks += new
+            st.cold.add(pos[i], None if scores is None else scores[i])
+        as_ids = lambda ids: torch.tensor(ids, dtype=torch.int32, device=self.device)
+        ops.seal_blocks(scratch, as_ids(range(len(states) * blocks)), self.cold_pools[layer], as_ids(dst),
+                        self.hot_format, self.cold_format)
 
     def _seal(self, layer: int, states, blocks: Optional[int] = None) -> None:
         """Moves each sequence's oldest full hot blocks to the cold tier while
