@@ -173,12 +173,13 @@ def test_errors_found_after_parsing_exit_2(tiny_model, text, tmp_path, capsys):
 
 
 def test_generate_against_dynamic_cache(tiny_model, text, tmp_path):
-    """kvcomp-bench generate: a row per cache and length, ratios against
-    DynamicCache at the same length, bytes held from the cache itself."""
+    """kvcomp-bench generate: a row per cache and length (medians of the
+    rounds), ratios against DynamicCache at the same length, bytes held from
+    the cache itself."""
     out, png = tmp_path / "gen.json", tmp_path / "gen.png"
     rc = cli.main(["generate", "--model", str(tiny_model), "--policies", "full,int8", "--peers", "", "--lengths",
                    "64,128", "--new-tokens", "4", "--text", str(text), "--plain", "--json", str(out),
-                   "--plot", str(png)])
+                   "--plot", str(png), "--repeats", "2"])
     assert rc == 0 and png.stat().st_size > 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["cache"], r["length"]) for r in rows] == \
@@ -190,6 +191,9 @@ def test_generate_against_dynamic_cache(tiny_model, text, tmp_path):
         assert dc["held_bytes"] == per_token * (n + 4)
         assert full["held_bytes"] == per_token * -(-(n + 4) // 16) * 16  # whole blocks of 16
         assert int8["bytes_x"] > 3  # 1 byte + an fp16 scale per row of 64, against 4 bytes
+        for r in (dc, full, int8):  # each figure is the median of its 2 rounds
+            assert len(r["rounds"]) == 2
+            assert r["prefill_s"] == pytest.approx(sum(x["prefill_s"] for x in r["rounds"]) / 2)
     assert cli.main(["generate", "--model", str(tiny_model), "--policies", "int9", "--text", str(text)]) == 2
 
 

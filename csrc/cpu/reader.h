@@ -8,8 +8,9 @@
 
 namespace kvcomp {
 
-// One side's tile reader for kind K: dequantized (or, for fp8/int8 with one
-// scale per row, unscaled) 8-channel runs. token_scale() is the factor left out.
+// One side's tile reader for kind K: dequantized (or, for kinds with one
+// scale and no zero per row, unscaled) 8-channel runs. token_scale() is the
+// factor left out.
 template <Kind K>
 struct Reader {
   using vf8 = simd::vf8;
@@ -22,10 +23,11 @@ struct Reader {
       : data(tile + s.offset), meta(tile + s.meta_offset()), row_bytes(s.row_bytes),
         group(group_size(s.fmt, hd)), head_dim(hd), token_halves(s.token_halves()) {}
 
-  // fp8/int8 with one scale per row: it multiplies whole dot products.
-  bool row_scale() const { return is_absmax(K) && group == head_dim; }
+  // fp8/int8/NF with one scale per row: it multiplies whole dot products.
+  static constexpr bool kScaleOnly = is_absmax(K) || is_nf(K);
+  bool row_scale() const { return kScaleOnly && group == head_dim; }
   float token_scale(int t) const {
-    if constexpr (is_absmax(K)) {
+    if constexpr (kScaleOnly) {
       if (row_scale()) return simd::half1(meta + 2 * t * token_halves) * simd::kCodeScale<K>;
     }
     return 1.0f;
@@ -67,7 +69,7 @@ struct Reader {
   // Code values of run `sub` of token t, scaled (all but a row scale).
   vf8 dequant(int t, int sub, vf8 c) const {
     if constexpr (is_token_quant(K)) {
-      if constexpr (is_absmax(K))
+      if constexpr (kScaleOnly)
         if (row_scale()) return c;
       const uint8_t* p = meta + 2 * (t * token_halves + sub * 8 / group * meta_halves(K));
       const float s = simd::half1(p);

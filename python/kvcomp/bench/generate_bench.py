@@ -8,7 +8,9 @@ same length.
 
 Each (cache, length) runs in a fresh process (so peak memory is its own):
 the prompt is the first --lengths tokens of --text (repeated if short), one
-prefill forward, then --new-tokens greedy decode steps."""
+prefill forward, then --new-tokens greedy decode steps. --repeats rounds run
+every (cache, length) once each, interleaved, so a slow spell of a shared
+machine spreads over all caches; the table reports each one's median."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--text", default=DEFAULT_TEXT, help="the prompt's text (default: a public-domain novel)")
     p.add_argument("--attn", default="kvcomp", help="attention implementation for kvcomp's caches (default "
                                                     "kvcomp; DynamicCache and peers use sdpa)")
-    p.add_argument("--quick", action="store_true", help="256 tokens, 8 steps, full and int4: a smoke run")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="rounds of every (cache, length); medians are reported (default 3)")
+    p.add_argument("--quick", action="store_true", help="256 tokens, 8 steps, full and int4, 1 round: a smoke run")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="tokens/s and bytes held against context length (PNG)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one (cache, length) in this process
@@ -130,16 +135,18 @@ def run(args) -> int:
     new = 8 if args.quick else args.new_tokens
     skipped = [p for p in want_peers if not peers.PEERS[p].available()]
     caches = ["dynamic"] + [f"peer:{p}" for p in want_peers if p not in skipped] + [f"kvcomp:{n}" for n in names]
-    rows = []
-    for length in lengths:
-        for which in caches:
+    runs = {(which, length): [] for length in lengths for which in caches}
+    for _ in range(1 if args.quick else args.repeats):
+        for which, length in runs:
             cmd = [sys.executable, "-m", "kvcomp.bench.cli", "generate", "--one", f"{which}@{length}",
                    "--model", args.model, "--text", args.text, "--new-tokens", str(new), "--attn", args.attn]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[which, length].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [_median_row(r) for r in runs.values()]
+    for length in lengths:
         ref = next(r for r in rows if r["length"] == length and r["cache"] == "dynamic")
         for r in rows:
             if r["length"] == length:
@@ -152,12 +159,13 @@ def run(args) -> int:
             ("DC bytes /", "bytes_x", "{:.2f}"), ("RSS +MiB", "rss_added_mib", "{:.0f}"),
             ("peak +MiB", "peak_over_start_mib", "{:.0f}")]
     import torch
-    print_table(f"kvcomp-bench generate: {args.model}, {new} new tokens, {torch.get_num_threads()} threads "
-                f"(DC: DynamicCache)", cols, rows, plain=args.plain)
+    rounds = 1 if args.quick else args.repeats
+    print_table(f"kvcomp-bench generate: {args.model}, {new} new tokens, {torch.get_num_threads()} threads, "
+                f"median of {rounds} rounds (DC: DynamicCache)", cols, rows, plain=args.plain)
     if skipped:
         print(f"peers not installed, skipped: {skipped}")
-    result = {"model": args.model, "new_tokens": new, "text": os.path.basename(args.text), "rows": rows,
-              "peers_skipped": skipped, "torch": torch.__version__}
+    result = {"model": args.model, "new_tokens": new, "rounds": rounds, "text": os.path.basename(args.text),
+              "rows": rows, "peers_skipped": skipped, "torch": torch.__version__}
     from .timing import git_commit
     result["commit"] = git_commit()
     if args.json:
@@ -165,6 +173,16 @@ def run(args) -> int:
     if args.plot:
         _plot(result, args.plot)
     return 0
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """One (cache, length): the median of each timing and memory figure over
+    its rounds, and every round's prefill and decode figures as measured."""
+    row = dict(runs[0])
+    for key in ("prefill_s", "decode_tokens_per_s", "rss_added_mib", "peak_over_start_mib"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["rounds"] = [{k: r[k] for k in ("prefill_s", "decode_tokens_per_s")} for r in runs]
+    return row
 
 
 def _plot(result: dict, path: str) -> None:
