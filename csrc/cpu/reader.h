@@ -51,6 +51,14 @@ struct Reader {
       vi8 x = simd::bytes8(row + 16 * c + 8 * P);
       a = dequant(t, 4 * c + sa, simd::value8<K>(simd::ifield8<0, 15>(x)));
       b = dequant(t, 4 * c + sb, simd::value8<K>(simd::ifield8<4, 0>(x)));
+#if KVCOMP_AVX2
+    } else if constexpr (kind_bits(K) == 3 && is_nf(K)) {
+      const uint8_t* chunk = row + 12 * c;  // runs sa = 2P and sb = 2P + 1: crumbs 2P, 2P + 1
+      vi8 x = simd::bytes8(chunk);
+      simd::nf3_pair8<K>(simd::ifield8<4 * P, 0>(x).v, (uint32_t)chunk[8 + sa] | (uint32_t)chunk[8 + sb] << 8, a, b);
+      a = dequant(t, 4 * c + sa, a);
+      b = dequant(t, 4 * c + sb, b);
+#endif
     } else if constexpr (kind_bits(K) == 3) {
       const uint8_t* chunk = row + 12 * c;
       vi8 x = simd::bytes8(chunk);

@@ -101,6 +101,33 @@ inline vf8 values8(__m256i c) {
   }
 }
 
+// NF3 levels of two runs of a 3-bit chunk (format.h packing): `low` holds
+// the chunk's 8 low-bit bytes (zero-extended), shifted so that run a's two
+// bits are lowest and run b's two bits above them; `high` the two bytes of
+// their bit 2 (run a's in the low byte). The level tables repeat every 4
+// entries, so a permute needs no mask (it reads index bits 0-2; bit 2 is
+// the next crumb's, and the copy makes it irrelevant), and bit 2 of each
+// channel, shifted to the sign, picks the upper half of the levels.
+template <Kind K>
+struct NF3Halves {
+  alignas(32) float lo[8], hi[8];
+  constexpr NF3Halves() : lo{}, hi{} {
+    for (int i = 0; i < 8; ++i) lo[i] = nf_level(K, (uint32_t)(i % 4)), hi[i] = nf_level(K, (uint32_t)(4 + i % 4));
+  }
+};
+template <Kind K>
+inline constexpr NF3Halves<K> kNF3Halves{};
+template <Kind K>
+inline void nf3_pair8(__m256i low, uint32_t high, vf8& a, vf8& b) {
+  const __m256 lo = _mm256_load_ps(kNF3Halves<K>.lo), hi = _mm256_load_ps(kNF3Halves<K>.hi);
+  const __m256i h = _mm256_set1_epi32((int)high);
+  const __m256i sa = _mm256_sllv_epi32(h, _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
+  const __m256i sb = _mm256_sllv_epi32(h, _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16));
+  const __m256i lb = _mm256_srli_epi32(low, 2);
+  a = {_mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, low), _mm256_permutevar8x32_ps(hi, low), _mm256_castsi256_ps(sa))};
+  b = {_mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, lb), _mm256_permutevar8x32_ps(hi, lb), _mm256_castsi256_ps(sb))};
+}
+
 // Codes of 8 consecutive channels (sub-run `sub` of the row, see format.h
 // packing) as floats, before the scale. fp8 e4m3 comes out 2^-8 too small:
 // kCodeScale below folds the 256 back into the scale.

@@ -219,11 +219,11 @@ class PagedKVCache:
         checked first so a rejected append changes nothing."""
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        lo, hi = torch.aminmax(t)  # one pass; NaN propagates into both
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        lo, hi = (float(x) for x in torch.aminmax(t))  # one pass; NaN propagates into both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} holds NaN or Inf; the cache never stores them")
         top = self._storable_max[name == "value"]
-        if max(-float(lo), float(hi)) > top:
+        if max(-lo, hi) > top:
             raise ValueError(f"{name} holds values beyond +-{top:g}, the largest its tiers' formats store "
                              f"(fp16 storage below 65520, fp16 scales 65504, rotated formats 65504/sqrt(head_dim))")
 
@@ -499,10 +499,8 @@ class PagedKVCache:
         return (out.to(query.dtype), lse) if return_lse else out.to(query.dtype)
 
     def _tables(self, tiers: list[Tier]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, max(len(t.blocks) for t in tiers))
-        bt = torch.zeros(len(tiers), width, dtype=torch.int32)
-        for i, t in enumerate(tiers):
-            bt[i, :len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.int32)
+        width = max(1, max(len(t.blocks) for t in tiers))  # one tensor from lists: this runs every decode step
+        bt = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tiers], dtype=torch.int32)
         lens = torch.tensor([t.len for t in tiers], dtype=torch.int32)
         return bt.to(self.device), lens.to(self.device)
 
