@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from kvcomp import policies as P  # noqa: E402
 from kvcomp.bench import cli  # noqa: E402
 from kvcomp.bench import evaluate as ev  # noqa: E402
 
@@ -148,12 +149,22 @@ def test_needle_case_has_exact_length_and_key():
     (["--peers", "quanto-int3"], "unknown peer 'quanto-int3'"),
     (["--modes", "first,never"], "not a list of modes"),
     (["--policies", "format:int9@4"], "policy 'format:int9@4'"),
+    (["--policies", "combined+pool=4"], "pool must be None or an odd int"),
+    (["--policies", "combined+colour=red"], "'colour=red' is not <Policy field>=<value>"),
+    (["--policies", "combined+pool"], "'pool' is not <Policy field>=<value>"),
+    (["--policies", "nopreset+pool=5"], "unknown policy 'nopreset+pool=5'"),
 ])
 def test_bad_arguments_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["accuracy", *args])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_preset_with_fields_changed():
+    from kvcomp.bench import accuracy
+    p = accuracy._policy("combined+pool=7+observe=64+hot_format=None+budget=0.3")
+    assert p == P.combined(pool=7, observe=64, budget=0.3, name="combined+pool=7+observe=64+hot_format=None+budget=0.3")
 
 
 def test_errors_found_after_parsing_exit_2(tiny_model, text, tmp_path, capsys):

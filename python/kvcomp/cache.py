@@ -259,6 +259,14 @@ class PagedKVCache:
         bs = self.policy.block_size
         return torch.tensor(blocks, dtype=torch.long)[slots // bs] * bs + slots % bs
 
+    def _next_slots(self, blocks: list[int], start: int, n: int) -> torch.Tensor:
+        """Pool slots of tier slots start..start+n-1; a decode step's one slot
+        without a tensor op per term."""
+        if n > 1:
+            return self._slots(blocks, torch.arange(start, start + n))
+        bs = self.policy.block_size
+        return torch.tensor([blocks[start // bs] * bs + start % bs], dtype=torch.long)
+
     @staticmethod
     def _grow(tier: Tier, alloc: Allocator, length: int, bs: int) -> None:
         need = -(-length // bs) - len(tier.blocks)
@@ -267,13 +275,14 @@ class PagedKVCache:
 
     def _write(self, pool, fmt, key, value, slots: list[torch.Tensor]) -> None:
         flat = lambda x: x.reshape(-1, self.num_kv_heads, self.head_dim)
-        ops.quantize_write(flat(key), flat(value), pool, torch.cat(slots).to(self.device), fmt)
+        slots = slots[0] if len(slots) == 1 else torch.cat(slots)
+        ops.quantize_write(flat(key), flat(value), pool, slots.to(self.device), fmt)
 
     def _write_hot(self, layer: int, states, key, value, pos: Optional[list] = None) -> None:
         n, slots = key.shape[1], []
         for i, st in enumerate(states):
             self._grow(st.hot, self._hot_alloc[layer], st.hot.len + n, self.policy.block_size)
-            slots.append(self._slots(st.hot.blocks, torch.arange(st.hot.len, st.hot.len + n)))
+            slots.append(self._next_slots(st.hot.blocks, st.hot.len, n))
             st.hot.add(self._fresh(st, n) if pos is None else pos[i][0], None if pos is None else pos[i][1])
         self._write(self.hot_pools[layer], self.hot_format, key, value, slots)
 
@@ -285,7 +294,7 @@ class PagedKVCache:
             cold, n = st.cold, key.shape[1]
             if self.policy.eviction != "streaming" or cold.len + n <= self._ring_cap:
                 self._grow(cold, self._cold_alloc[layer], cold.len + n, bs)
-                slots.append(self._slots(cold.blocks, torch.arange(cold.len, cold.len + n)))
+                slots.append(self._next_slots(cold.blocks, cold.len, n))
                 cold.add(pos[i], None if scores is None else scores[i])
                 continue
             slots.append(self._ring_slots(layer, cold, pos[i]))

@@ -42,6 +42,7 @@ FULL = dict(lengths=[1024, 2048, 3072, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0]
 QUICK = dict(lengths=[256, 512], depths=[0.0, 0.5, 1.0], ppl_context=256, ppl_tokens=32, chunk=128)
 MODES = ("first", "later")
 FORMAT_PREFIX = "format:"  # --policies format:<spec>[@<hot_window>]: a policy of one cold format
+OVERRIDE = "+"  # --policies combined+pool=7+observe=64: a preset with Policy fields changed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"needs: {models.INSTALL_HINT})")
     p.add_argument("--policies", type=_names, default=list(presets.PRESETS),
                    help=f"comma-separated: presets ({','.join(presets.PRESETS)}; default: all), llama.cpp's KV "
-                        f"types ({','.join(LLAMA_CPP)}), or {FORMAT_PREFIX}<spec>[@<hot_window>]")
+                        f"types ({','.join(LLAMA_CPP)}), {FORMAT_PREFIX}<spec>[@<hot_window>], or a preset "
+                        f"with Policy fields changed, <preset>{OVERRIDE}<field>=<value>... (e.g. "
+                        f"combined{OVERRIDE}pool=7{OVERRIDE}observe=64)")
     p.add_argument("--peers", type=_peer_names, default=None,
                    help=f"transformers QuantizedCache peers: {','.join(PEERS)}, 'none', or 'all' "
                         "(default: those whose backend is installed)")
@@ -202,12 +205,33 @@ def run(args) -> int:
 
 
 def _policy(name: str) -> kvcomp.Policy:
+    base, *changes = name.split(OVERRIDE)
+    if changes and base in presets.PRESETS:  # a preset with fields changed: combined+pool=7+observe=64
+        fields = {}
+        for change in changes:
+            field, eq, value = change.partition("=")
+            if not eq or field not in kvcomp.Policy.__dataclass_fields__ or field == "name":
+                raise ValueError(f"{change!r} is not <Policy field>=<value>")
+            fields[field] = _value(value)
+        return presets.PRESETS[base](**fields, name=name)
     if name in presets.PRESETS:
         return presets.PRESETS[name]()
     if name in LLAMA_CPP:
         return llama_cpp_policy(name)
     spec, _, hot = name[len(FORMAT_PREFIX):].partition("@")
     return kvcomp.Policy(cold_format=spec, hot_window=int(hot or 0), name=name)
+
+
+def _value(text: str):
+    """A policy field's value as written: None, an int, a float, else a string."""
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 PREFILL_SPEEDUP = 8  # prompt tokens per second / decode steps per second, roughly (CPU, chunks of 512)
@@ -354,14 +378,16 @@ def _items(text: str) -> list[str]:
 
 def _names(text: str) -> list[str]:
     names = _items(text)
-    known = lambda n: n in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
+    known = lambda n: n in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX) or \
+        n.split(OVERRIDE)[0] in presets.PRESETS
     bad = [n for n in names if not known(n)]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown policy {', '.join(map(repr, bad or [text]))}: "
                                          f"choose from {', '.join([*presets.PRESETS, *LLAMA_CPP])} "
-                                         f"or {FORMAT_PREFIX}<spec>[@<hot_window>]")
+                                         f"or {FORMAT_PREFIX}<spec>[@<hot_window>], or "
+                                         f"<preset>{OVERRIDE}<field>=<value>...")
     for n in names:
-        if n.startswith(FORMAT_PREFIX):
+        if n.startswith(FORMAT_PREFIX) or OVERRIDE in n:
             try:
                 _policy(n)
             except ValueError as e:
