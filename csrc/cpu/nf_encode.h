@@ -10,31 +10,25 @@
 namespace kvcomp {
 
 #if KVCOMP_AVX2
+// Midpoints between neighbouring levels (max_code of them).
 template <Kind K>
-struct NFTables {
-  alignas(32) float mid[16];    // midpoints between neighbouring levels (max_code of them)
-  alignas(32) float level[16];  // level by code
-  constexpr NFTables() : mid{}, level{} {
-    for (int i = 0; i <= max_code(K); ++i) level[i] = nf_level(K, (uint32_t)i);
-    for (int i = 0; i < max_code(K); ++i) mid[i] = nf_midpoint(K, i);
+struct NFMidpoints {
+  float v[16];
+  constexpr NFMidpoints() : v{} {
+    for (int i = 0; i < max_code(K); ++i) v[i] = nf_midpoint(K, i);
   }
 };
 template <Kind K>
-inline constexpr NFTables<K> kNFTables{};
+inline constexpr NFMidpoints<K> kNFMidpoints{};
 
 // Codes of y (the midpoints at or below each lane: they ascend, so the count
-// is nf_code's scan) and their levels.
+// is nf_code's scan) and their levels (simd.h's table lookup).
 template <Kind K>
 inline __m256i nf_codes8(__m256 y, __m256& level) {
-  const NFTables<K>& T = kNFTables<K>;
   __m256i c = _mm256_setzero_si256();
   for (int i = 0; i < max_code(K); ++i)  // a mask is -1 where true
-    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(T.mid[i]), _CMP_GE_OQ)));
-  level = _mm256_permutevar8x32_ps(_mm256_load_ps(T.level), c);
-  if constexpr (max_code(K) >= 8) {
-    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(T.level + 8), c);
-    level = _mm256_blendv_ps(level, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
-  }
+    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(kNFMidpoints<K>.v[i]), _CMP_GE_OQ)));
+  level = simd::values8<K>(c).v;
   return c;
 }
 

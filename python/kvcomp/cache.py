@@ -380,15 +380,21 @@ class PagedKVCache:
         scratch = torch.zeros((len(states) * blocks, *hot_pool.shape[1:]), dtype=hot_pool.dtype, device=self.device)
         slots = torch.arange(len(states) * n, device=self.device)
         self._write(scratch, self.hot_format, key, value, [slots])
+        moves = [(st, blocks, pos[i], None if scores is None else scores[i]) for i, st in enumerate(states)]
+        self._seal_into_cold(layer, scratch, list(range(len(states) * blocks)), moves)
+
+    def _seal_into_cold(self, layer: int, pool, src: list[int], moves: list) -> None:
+        """One seal_blocks call from blocks ``src`` of a hot-format ``pool``
+        into new cold blocks: each move (state, blocks, positions, scores)
+        takes its sequence's next ``blocks`` of them, in order."""
         dst = []
-        for i, st in enumerate(states):
-            new = self._cold_alloc[layer].take(blocks)
+        for st, m, pos, scores in moves:
+            new = self._cold_alloc[layer].take(m)
             dst += new
             st.cold.blocks += new
-            st.cold.add(pos[i], None if scores is None else scores[i])
+            st.cold.add(pos, scores)
         as_ids = lambda ids: torch.tensor(ids, dtype=torch.int32, device=self.device)
-        ops.seal_blocks(scratch, as_ids(range(len(states) * blocks)), self.cold_pools[layer], as_ids(dst),
-                        self.hot_format, self.cold_format)
+        ops.seal_blocks(pool, as_ids(src), self.cold_pools[layer], as_ids(dst), self.hot_format, self.cold_format)
 
     def _seal(self, layer: int, states, blocks: Optional[int] = None) -> None:
         """Moves each sequence's oldest full hot blocks to the cold tier while
@@ -407,16 +413,10 @@ class PagedKVCache:
                 self._drop_hot_front(layer, st, m)
                 self._write_cold(layer, [st], k[None], v[None], [pos])
             return
-        src, dst = [], []
-        for st, m in moves:
-            new = self._cold_alloc[layer].take(m)
-            src += st.hot.blocks[:m]
-            dst += new
-            st.cold.blocks += new
-            st.cold.add(st.hot.pos[:, :m * bs], None if st.hot.scores is None else st.hot.scores[:, :m * bs])
-        as_ids = lambda ids: torch.tensor(ids, dtype=torch.int32, device=self.device)
-        ops.seal_blocks(self.hot_pools[layer], as_ids(src), self.cold_pools[layer], as_ids(dst),
-                        self.hot_format, self.cold_format)
+        src = [b for st, m in moves for b in st.hot.blocks[:m]]
+        self._seal_into_cold(layer, self.hot_pools[layer], src, [
+            (st, m, st.hot.pos[:, :m * bs], None if st.hot.scores is None else st.hot.scores[:, :m * bs])
+            for st, m in moves])
         for st, m in moves:
             self._drop_hot_front(layer, st, m)
 

@@ -378,8 +378,7 @@ def _items(text: str) -> list[str]:
 
 def _names(text: str) -> list[str]:
     names = _items(text)
-    known = lambda n: n in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX) or \
-        n.split(OVERRIDE)[0] in presets.PRESETS
+    known = lambda n: n.split(OVERRIDE)[0] in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
     bad = [n for n in names if not known(n)]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown policy {', '.join(map(repr, bad or [text]))}: "
