@@ -248,3 +248,28 @@ def test_peer_prompt_file_and_answers_merge(tiny_model, text, tmp_path, capsys):
     path.write_text(json.dumps(answers))
     assert cli.main(common + ["--peer-answers", str(path), "--peer-keep", "0.25"]) == 2
     assert "other prompts" in capsys.readouterr().err
+
+
+def test_calibrated_policy_is_one_policy_per_layer_within_its_bits(tiny_model, text, tmp_path):
+    out = tmp_path / "acc.json"
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text.read_text().split())) + "\n", encoding="utf-8")
+    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--policies", "int3,calibrated:3.0",
+                   "--peers", "none", "--lengths", "256", "--depths", "0", "--modes", "first", "--text", str(text),
+                   "--calibrate-text", str(other), "--json", str(out), "--plain"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    cal = data["calibration"]
+    assert cal["texts"] == [str(other)] and len(cal["layer_cost"]) == 2 and len(cal["choices"]["calibrated:3.0"]) == 2
+    row = {p["policy"]: p for p in data["policies"]}["calibrated:3.0"]
+    assert [layer["name"] for layer in row["spec"]["layers"]] == cal["choices"]["calibrated:3.0"]
+    chosen_bits = sum(cal["bits"][c] for c in cal["choices"]["calibrated:3.0"]) / 2
+    assert chosen_bits <= 3.0 and row["bits_per_element"]["256"] > 0
+
+
+def test_calibrated_policy_needs_a_calibration_text(tiny_model, text, capsys):
+    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--policies", "calibrated:3", "--peers",
+                   "none", "--lengths", "256", "--depths", "0", "--text", str(text)])
+    assert rc == 2 and "--calibrate-text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["accuracy", "--model", str(tiny_model), "--policies", "calibrated:0"])

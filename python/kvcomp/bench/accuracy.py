@@ -43,6 +43,10 @@ QUICK = dict(lengths=[256, 512], depths=[0.0, 0.5, 1.0], ppl_context=256, ppl_to
 MODES = ("first", "later")
 FORMAT_PREFIX = "format:"  # --policies format:<spec>[@<hot_window>]: a policy of one cold format
 OVERRIDE = "+"  # --policies combined+pool=7+observe=64: a preset with Policy fields changed
+CALIBRATED = "calibrated:"  # --policies calibrated:3.25: per-layer precision within 3.25 bits (calibrate.py)
+# Calibration windows: 1,152 tokens, the last 128 scored, one per --calibrate-text. 128 scored tokens
+# rank SmolLM2's layers as 384 do, at a third of the time (a run per layer and per candidate).
+CAL_CONTEXT, CAL_SCORED = 1152, 128
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated: presets ({','.join(presets.PRESETS)}; default: all), llama.cpp's KV "
                         f"types ({','.join(LLAMA_CPP)}), {FORMAT_PREFIX}<spec>[@<hot_window>], or a preset "
                         f"with Policy fields changed, <preset>{OVERRIDE}<field>=<value>... (e.g. "
-                        f"combined{OVERRIDE}pool=7{OVERRIDE}observe=64)")
+                        f"combined{OVERRIDE}pool=7{OVERRIDE}observe=64), or {CALIBRATED}<bits>: one policy per layer "
+                        f"chosen by measured sensitivity within <bits> per element (needs --calibrate-text)")
+    p.add_argument("--calibrate-text", type=Path, nargs="+", action="extend",
+                   help=f"UTF-8 texts that {CALIBRATED}<bits> policies are calibrated on (a window of "
+                        f"{CAL_CONTEXT} tokens each); best not the --text files the run scores")
     p.add_argument("--peers", type=_peer_names, default=None,
                    help=f"transformers QuantizedCache peers: {','.join(PEERS)}, 'none', or 'all' "
                         "(default: those whose backend is installed)")
@@ -121,7 +129,7 @@ def run(args) -> int:
                     head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     fp16 = 2 * 2 * geometry["num_layers"] * geometry["num_kv_heads"] * geometry["head_dim"]
     try:
-        pols = {name: _policy(name) for name in args.policies}
+        pols = {name: _policy(name) for name in args.policies if not name.startswith(CALIBRATED)}
     except ValueError as e:
         return _error(str(e))
     for name, p in pols.items():
@@ -129,6 +137,14 @@ def run(args) -> int:
             kvcomp.KVFormat.parse(p.cold_format).tile_bytes(geometry["head_dim"], p.block_size)
         except ValueError as e:
             return _error(f"policy {name} cannot store this model's K/V: {e}")
+    calibration = None
+    budgets = {n: float(n[len(CALIBRATED):]) for n in args.policies if n.startswith(CALIBRATED)}
+    if budgets:
+        try:
+            calibration = _calibrate(model, tokenizer, args.calibrate_text, args.seed)
+            pols.update({n: calibration.allocate(b) for n, b in budgets.items()})
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return _error(str(e))
     capacity = max(max(lengths) + args.max_new + 64, ppl_context) + chunk
     caches = {"uncompressed": lambda: DynamicCache(config=cfg),
               **{n: (lambda p=p: KVCompCache(policy=p, max_tokens=capacity)) for n, p in pols.items()},
@@ -155,8 +171,7 @@ def run(args) -> int:
         return _error(str(e))
 
     # fp16 stores 16 bits an element: bits = 16 * bytes / fp16's bytes
-    bits = {n: (lambda L, p=p: 16 * p.bytes_per_token(**geometry, seq_len=L, dtype=torch.float16) / fp16)
-            for n, p in pols.items()}
+    bits = {n: (lambda L, p=p: 16 * _bytes_per_token(p, geometry, L) / fp16) for n, p in pols.items()}
     bits.update({n: PEERS[n].bits_per_element for n in peers})
     bits["uncompressed"] = lambda L: 16.0
     started = time.perf_counter()
@@ -186,6 +201,7 @@ def run(args) -> int:
         "perplexity_text": None if not ppl_ids else
         {"paths": [name for name, _ in texts], "context": ppl_context, "scored_tokens": ppl_tokens},
         "seconds": round(time.perf_counter() - started, 1),
+        "calibration": None if calibration is None else _calibration_summary(calibration, args.calibrate_text, budgets),
         "needle_cases": needle["cases"],
         "policies": [_summary(name, pols.get(name), needle, ppl, bits[name], fp16, lengths, depths, args.modes,
                               outside.get(name, "uncompressed"))
@@ -220,6 +236,37 @@ def _policy(name: str) -> kvcomp.Policy:
         return llama_cpp_policy(name)
     spec, _, hot = name[len(FORMAT_PREFIX):].partition("@")
     return kvcomp.Policy(cold_format=spec, hot_window=int(hot or 0), name=name)
+
+
+def _calibrate(model, tokenizer, paths, seed: int):
+    """The per-layer calibration of ``calibrated:`` policies, on one window of each path."""
+    from ..integrations.calibrate import measure
+    if not paths:
+        raise ValueError(f"{CALIBRATED}<bits> policies need --calibrate-text")
+    rng = random.Random(seed + 1)  # not the windows the run scores, whatever the texts
+    windows = []
+    for path in paths:
+        filler = ev.Filler(tokenizer, path.read_text(encoding="utf-8"))
+        try:
+            windows.append(torch.tensor([filler.take(CAL_CONTEXT, rng)]))
+        except ValueError as e:
+            raise ValueError(f"--calibrate-text {str(path)!r}: {e}") from None
+    return measure(model, windows, prefix=CAL_CONTEXT - CAL_SCORED)
+
+
+def _calibration_summary(cal, paths, budgets) -> dict:
+    return {"texts": [str(p) for p in paths], "context": CAL_CONTEXT, "scored_tokens": CAL_SCORED,
+            "seconds": round(cal.seconds, 1), "probe": cal.probe, "layer_cost": cal.layer_cost, "scale": cal.scale,
+            "bits": cal.bits, "choices": {n: cal.choose(b) for n, b in budgets.items()},
+            "estimated_nll_ratio": {n: 1 + cal.estimate(cal.choose(b)) for n, b in budgets.items()}}
+
+
+def _bytes_per_token(policy, geometry: dict, seq_len: int) -> float:
+    """fp16 pool bytes per token of a policy, or of a list of one per layer."""
+    if isinstance(policy, list):
+        one = dict(geometry, num_layers=1)
+        return sum(p.bytes_per_token(**one, seq_len=seq_len, dtype=torch.float16) for p in policy)
+    return policy.bytes_per_token(**geometry, seq_len=seq_len, dtype=torch.float16)
 
 
 def _value(text: str):
@@ -314,6 +361,8 @@ def _summary(name, policy, needle, ppl, bits, fp16, lengths, depths, modes, pref
 
 def _spec(policy) -> dict:
     import dataclasses
+    if isinstance(policy, list):
+        return {"layers": [_spec(p) for p in policy]}
     return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
 
 
@@ -341,6 +390,12 @@ def _print(result, plain: bool) -> None:
     print_table(f"{result['model_name']}: {result['geometry']}; pass-key at {result['lengths']} tokens x "
                 f"depths {result['depths']} x {len(result['texts'])} text(s) x {result['trials']} trial(s); "
                 f"{result['seconds']} s", cols, rows, plain)
+    cal = result.get("calibration")
+    if cal:
+        print(f"calibrated on {', '.join(cal['texts'])} in {cal['seconds']} s")
+        for name, choice in cal["choices"].items():
+            counts = ", ".join(f"{c} x{choice.count(c)}" for c in sorted(set(choice)))
+            print(f"  {name}: layers at {counts}; estimated NLL x{cal['estimated_nll_ratio'][name]:.4f}")
 
 
 def _maybe(fmt):
@@ -378,15 +433,22 @@ def _items(text: str) -> list[str]:
 
 def _names(text: str) -> list[str]:
     names = _items(text)
-    known = lambda n: n.split(OVERRIDE)[0] in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
+    known = lambda n: (n.split(OVERRIDE)[0] in presets.PRESETS or n in LLAMA_CPP or n.startswith(FORMAT_PREFIX)
+                       or n.startswith(CALIBRATED))
     bad = [n for n in names if not known(n)]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown policy {', '.join(map(repr, bad or [text]))}: "
                                          f"choose from {', '.join([*presets.PRESETS, *LLAMA_CPP])} "
                                          f"or {FORMAT_PREFIX}<spec>[@<hot_window>], or "
-                                         f"<preset>{OVERRIDE}<field>=<value>...")
+                                         f"<preset>{OVERRIDE}<field>=<value>..., or {CALIBRATED}<bits>")
     for n in names:
-        if n.startswith(FORMAT_PREFIX) or OVERRIDE in n:
+        if n.startswith(CALIBRATED):
+            try:
+                if not 0 < float(n[len(CALIBRATED):]) <= 16:
+                    raise ValueError
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"policy {n!r}: {CALIBRATED}<bits> needs bits in (0, 16]") from None
+        elif n.startswith(FORMAT_PREFIX) or OVERRIDE in n:
             try:
                 _policy(n)
             except ValueError as e:
