@@ -44,8 +44,10 @@ MODES = ("first", "later")
 FORMAT_PREFIX = "format:"  # --policies format:<spec>[@<hot_window>]: a policy of one cold format
 OVERRIDE = "+"  # --policies combined+pool=7+observe=64: a preset with Policy fields changed
 CALIBRATED = "calibrated:"  # --policies calibrated:3.25: per-layer precision within 3.25 bits (calibrate.py)
-# Calibration windows: 1,152 tokens, the last 128 scored, one per --calibrate-text. 128 scored tokens
-# rank SmolLM2's layers as 384 do, at a third of the time (a run per layer and per candidate).
+# Calibration windows: 1,152 tokens, the last 128 scored, one per --calibrate-text: the measurement
+# takes a run per layer and per candidate, so a window costs about 8 s of SmolLM2 per run on 2 cores.
+# On it, the layers' costs on two licence texts ranked as their NLL on the three novels did (Spearman
+# 0.68 over 28 layers; 4 of the 5 costliest the same).
 CAL_CONTEXT, CAL_SCORED = 1152, 128
 
 
@@ -251,14 +253,15 @@ def _calibrate(model, tokenizer, paths, seed: int):
             windows.append(torch.tensor([filler.take(CAL_CONTEXT, rng)]))
         except ValueError as e:
             raise ValueError(f"--calibrate-text {str(path)!r}: {e}") from None
-    return measure(model, windows, prefix=CAL_CONTEXT - CAL_SCORED)
+    return measure(model, windows, prefix=CAL_CONTEXT - CAL_SCORED,
+                   progress=lambda what: print(f"calibrating: {what}", file=sys.stderr, flush=True))
 
 
 def _calibration_summary(cal, paths, budgets) -> dict:
     return {"texts": [str(p) for p in paths], "context": CAL_CONTEXT, "scored_tokens": CAL_SCORED,
             "seconds": round(cal.seconds, 1), "probe": cal.probe, "layer_cost": cal.layer_cost, "scale": cal.scale,
             "bits": cal.bits, "choices": {n: cal.choose(b) for n, b in budgets.items()},
-            "estimated_nll_ratio": {n: 1 + cal.estimate(cal.choose(b)) for n, b in budgets.items()}}
+            "estimated_kl": {n: cal.estimate(cal.choose(b)) for n, b in budgets.items()}}
 
 
 def _bytes_per_token(policy, geometry: dict, seq_len: int) -> float:
@@ -395,7 +398,7 @@ def _print(result, plain: bool) -> None:
         print(f"calibrated on {', '.join(cal['texts'])} in {cal['seconds']} s")
         for name, choice in cal["choices"].items():
             counts = ", ".join(f"{c} x{choice.count(c)}" for c in sorted(set(choice)))
-            print(f"  {name}: layers at {counts}; estimated NLL x{cal['estimated_nll_ratio'][name]:.4f}")
+            print(f"  {name}: layers at {counts}; estimated KL {cal['estimated_kl'][name]:.4f} nats/token")
 
 
 def _maybe(fmt):
