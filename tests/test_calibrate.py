@@ -76,18 +76,22 @@ def test_measure_runs_each_layer_alone_and_each_candidate_everywhere(model_and_t
     cal = measure(model, [ids], prefix=150, candidates=cands, chunk=64, progress=seen.append)
     assert seen == ["layer 0", "layer 1", "full", "int2@0", "int3@0"]
     assert cal.probe == "int2@0" and cal.bits == pytest.approx({"full": 16.0, "int2@0": 2.25, "int3@0": 3.25})
-    assert cal.scale["full"] == 0.0  # full() through KVCompCache is the uncompressed cache
+    # Runs agree to fp32 rounding, not bit for bit: about one process in four takes another CPU
+    # kernel path (the same alternate values each time), which moves a KL by up to 1e-6 of itself
+    # and full()'s from 0 to 1.4e-11 nats. Recomputed values are compared at 1e-5.
+    assert cal.scale["full"] < 1e-9  # full() through KVCompCache is the uncompressed cache
     assert all(c >= 0 for c in cal.layer_cost) and sum(cal.layer_cost) > 0
 
     def log_probs(per_layer):
         return _log_probs(model, ids, KVCompCache(policy=per_layer, config=model.config), 150, 64)
     ref = log_probs([policies.full()] * 2)
     kl = lambda q: float(max((ref.exp() * (ref - q)).sum(-1).mean(), 0.0))
+    assert cal.layer_cost[0] != pytest.approx(cal.layer_cost[1], rel=0.5)  # the layers tell apart
     for i in range(2):
         alone = [cands["int2@0"] if j == i else policies.full() for j in range(2)]
-        assert cal.layer_cost[i] == pytest.approx(kl(log_probs(alone)), rel=1e-9, abs=1e-15)
+        assert cal.layer_cost[i] == pytest.approx(kl(log_probs(alone)), rel=1e-5)
     assert cal.scale["int3@0"] * sum(cal.layer_cost) == pytest.approx(kl(log_probs([cands["int3@0"]] * 2)),
-                                                                       rel=1e-9, abs=1e-15)
+                                                                       rel=1e-5)
     assert cal.scale["int3@0"] < cal.scale["int2@0"]  # 3 bits change the predictions less than 2
     assert len(cal.allocate(3.0)) == 2
 
