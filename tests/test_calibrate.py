@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvcomp import policies  # noqa: E402
-from kvcomp.integrations.calibrate import Calibration, _log_probs, default_candidates, measure  # noqa: E402
+from kvcomp.bench.evaluate import teacher_forced  # noqa: E402
+from kvcomp.integrations.calibrate import Calibration, default_candidates, measure  # noqa: E402
 from kvcomp.integrations.hf import KVCompCache  # noqa: E402
 
 
@@ -83,7 +84,8 @@ def test_measure_runs_each_layer_alone_and_each_candidate_everywhere(model_and_t
     assert all(c >= 0 for c in cal.layer_cost) and sum(cal.layer_cost) > 0
 
     def log_probs(per_layer):
-        return _log_probs(model, ids, KVCompCache(policy=per_layer, config=model.config), 150, 64)
+        cache = KVCompCache(policy=per_layer, config=model.config)
+        return teacher_forced(model, ids, cache, 150, 64, keep_log_probs=True).log_probs
     ref = log_probs([policies.full()] * 2)
     kl = lambda q: float(max((ref.exp() * (ref - q)).sum(-1).mean(), 0.0))
     assert cal.layer_cost[0] != pytest.approx(cal.layer_cost[1], rel=0.5)  # the layers tell apart

@@ -144,7 +144,8 @@ def run(args) -> int:
     if budgets:
         try:
             calibration = _calibrate(model, tokenizer, args.calibrate_text, args.seed)
-            pols.update({n: calibration.allocate(b) for n, b in budgets.items()})
+            choices = {n: calibration.choose(b) for n, b in budgets.items()}
+            pols.update({n: [calibration.candidates[c] for c in choice] for n, choice in choices.items()})
         except (OSError, UnicodeDecodeError, ValueError) as e:
             return _error(str(e))
     capacity = max(max(lengths) + args.max_new + 64, ppl_context) + chunk
@@ -203,7 +204,7 @@ def run(args) -> int:
         "perplexity_text": None if not ppl_ids else
         {"paths": [name for name, _ in texts], "context": ppl_context, "scored_tokens": ppl_tokens},
         "seconds": round(time.perf_counter() - started, 1),
-        "calibration": None if calibration is None else _calibration_summary(calibration, args.calibrate_text, budgets),
+        "calibration": None if calibration is None else _calibration_summary(calibration, args.calibrate_text, choices),
         "needle_cases": needle["cases"],
         "policies": [_summary(name, pols.get(name), needle, ppl, bits[name], fp16, lengths, depths, args.modes,
                               outside.get(name, "uncompressed"))
@@ -257,11 +258,10 @@ def _calibrate(model, tokenizer, paths, seed: int):
                    progress=lambda what: print(f"calibrating: {what}", file=sys.stderr, flush=True))
 
 
-def _calibration_summary(cal, paths, budgets) -> dict:
+def _calibration_summary(cal, paths, choices: dict) -> dict:
     return {"texts": [str(p) for p in paths], "context": CAL_CONTEXT, "scored_tokens": CAL_SCORED,
             "seconds": round(cal.seconds, 1), "probe": cal.probe, "layer_cost": cal.layer_cost, "scale": cal.scale,
-            "bits": cal.bits, "choices": {n: cal.choose(b) for n, b in budgets.items()},
-            "estimated_kl": {n: cal.estimate(cal.choose(b)) for n, b in budgets.items()}}
+            "bits": cal.bits, "choices": choices, "estimated_kl": {n: cal.estimate(c) for n, c in choices.items()}}
 
 
 def _bytes_per_token(policy, geometry: dict, seq_len: int) -> float:

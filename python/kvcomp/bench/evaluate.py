@@ -135,22 +135,28 @@ class TeacherForced:
     nll: torch.Tensor  # [n] float64: -log p(token) of each scored token
     top1: torch.Tensor  # [n] int64: argmax of the logits that predicted it
     attn: torch.Tensor  # [n - 1, layers, hidden]: each layer's attention output at each decode step
+    log_probs: Optional[torch.Tensor] = None  # [n, vocab] float64, when asked for (keep_log_probs)
 
 
 @torch.inference_mode()
 def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
-                   progress: Optional[Callable[[], None]] = None, tokenizer=None) -> TeacherForced:
+                   progress: Optional[Callable[[], None]] = None, tokenizer=None,
+                   keep_log_probs: bool = False) -> TeacherForced:
     """Prefills ids[:, :prefix] and decodes the rest one token at a time,
-    always feeding the true token; scores tokens prefix..n-1."""
+    always feeding the true token; scores tokens prefix..n-1 (with
+    ``keep_log_probs``, also returns each step's whole distribution)."""
     captured: list[torch.Tensor] = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: captured.append(out[0][0, -1].float()))
              for layer in _decoder_layers(model)]
     try:
         logits = prefill(model, ids[:, :prefix], cache, chunk, tokenizer)
         captured.clear()
-        nll, top1 = [], []
+        nll, top1, rows = [], [], []
         for t in range(prefix, ids.shape[1]):
-            nll.append(-torch.log_softmax(logits.double(), -1)[ids[0, t]])
+            log_probs = torch.log_softmax(logits.double(), -1)
+            nll.append(-log_probs[ids[0, t]])
+            if keep_log_probs:
+                rows.append(log_probs)
             top1.append(logits.argmax())
             if t + 1 < ids.shape[1]:
                 logits = model(input_ids=ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits[0, -1].float()
@@ -161,7 +167,7 @@ def teacher_forced(model, ids: torch.Tensor, cache, prefix: int, chunk: int,
             h.remove()
     layers = len(hooks)
     attn = torch.stack(captured).view(-1, layers, captured[0].shape[-1]) if captured else torch.empty(0)
-    return TeacherForced(torch.stack(nll), torch.stack(top1), attn)
+    return TeacherForced(torch.stack(nll), torch.stack(top1), attn, torch.stack(rows) if rows else None)
 
 
 def fidelity(run: TeacherForced, ref: TeacherForced) -> dict:

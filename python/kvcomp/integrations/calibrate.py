@@ -138,7 +138,11 @@ def measure(model, texts: list[torch.Tensor], prefix: int, candidates: Optional[
     through the cache). ``seq_len``: the length bits are counted at."""
     from transformers import DynamicCache
 
+    from ..bench.evaluate import teacher_forced
     from .hf import KVCompCache
+
+    def log_probs(ids, cache):
+        return teacher_forced(model, ids, cache, prefix, chunk, keep_log_probs=True).log_probs
 
     started = time.perf_counter()
     cfg = model.config.get_text_config(decoder=True)
@@ -157,14 +161,13 @@ def measure(model, texts: list[torch.Tensor], prefix: int, candidates: Optional[
     if probe not in candidates:
         raise ValueError(f"probe: {probe!r} is not one of the candidates {sorted(candidates)}")
 
-    refs = [_log_probs(model, ids, DynamicCache(config=model.config), prefix, chunk) for ids in texts]
+    refs = [log_probs(ids, DynamicCache(config=model.config)) for ids in texts]
     full = policies.full()
 
     def kl(per_layer: list[Policy], what: str) -> float:
         if progress:
             progress(what)
-        runs = [_log_probs(model, ids, KVCompCache(policy=per_layer, config=model.config), prefix, chunk)
-                for ids in texts]
+        runs = [log_probs(ids, KVCompCache(policy=per_layer, config=model.config)) for ids in texts]
         return float(torch.cat([(r.exp() * (r - q)).sum(-1) for r, q in zip(refs, runs)]).mean().clamp_min(0))
 
     layer_cost = [kl([candidates[probe] if j == i else full for j in range(layers)], f"layer {i}")
@@ -175,17 +178,3 @@ def measure(model, texts: list[torch.Tensor], prefix: int, candidates: Optional[
     scale = {n: kl([p] * layers, n) / total for n, p in candidates.items()}
     return Calibration(candidates, bits, probe, layer_cost, scale, seq_len, time.perf_counter() - started)
 
-
-@torch.inference_mode()
-def _log_probs(model, ids: torch.Tensor, cache, prefix: int, chunk: int) -> torch.Tensor:
-    """[n - prefix, vocab] float64 log-probabilities of the tokens after
-    ``prefix``: the prefix prefilled in chunks, the rest fed one at a time."""
-    from .hf import cache_kwarg
-
-    kw = cache_kwarg(model, cache)
-    for s in range(0, prefix, chunk):
-        out = model(input_ids=ids[:, s:min(s + chunk, prefix)], **kw, use_cache=True, logits_to_keep=1)
-    rows = [out.logits[0, -1]]
-    for t in range(prefix, ids.shape[1] - 1):
-        rows.append(model(input_ids=ids[:, t:t + 1], **kw, use_cache=True).logits[0, -1])
-    return torch.log_softmax(torch.stack(rows).double(), -1)
